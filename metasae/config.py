@@ -381,13 +381,6 @@ class Profile:
         return self
 
     # -- derived --------------------------------------------------------
-    def meta_sae_config(self, n_latents: int | None = None) -> SAEConfig:
-        """The meta SAE shares the primary's normalisation, AuxK and optimiser settings."""
-        m = n_latents or self.meta.n_latents
-        rows = self.meta.dead_after_rows or 5 * self.sae.n_latents
-        return dataclasses.replace(self.sae, n_latents=m, k=self.meta.k, dead_after_tokens=rows,
-                                   aux_k=min(self.sae.aux_k, m))
-
     def runs_for_seed(self, seed: int) -> list[RunSpec]:
         """Every SAE trained from one activation stream for one seed.
 

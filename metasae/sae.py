@@ -1,0 +1,323 @@
+"""BatchTopK sparse autoencoder (primary and meta), and the two decoder penalties.
+
+SPEC section 1.  One class serves both roles:
+
+* the **primary** SAE reads residual-stream activations x (B x d);
+* the **meta** SAE reads the primary's decoder rows W_dec (n x d) as its batch.
+
+Forward pass (paper eq. / Bussmann et al. BatchTopK):
+
+    x_n  = (x - mean(x)) / (std(x) + 1e-5)          per input, over the d dims
+    pre  = ReLU((x_n - b_dec) @ W_enc)               W_enc: d x n
+    acts = pre with all but the k*B largest entries of the B x n matrix zeroed
+    x_hat_n = acts @ W_dec + b_dec                   W_dec: n x d, rows unit-norm
+    x_hat   = x_hat_n * std(x) + mean(x)
+
+Speed without changing the math: the dense encoder GEMM is computed once (bf16
+autocast when asked, fp32 master weights); only the k*B kept entries carry
+gradient, so the encoder-weight gradient is a sparse product (cost k*B*d, not
+B*n*d) and the decoder is an ``embedding_bag`` over the kept latents.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from metasae.config import SAEConfig
+
+EPS = 1e-5
+
+
+class Selection(NamedTuple):
+    """Kept (token, latent) entries of a batch, sorted by token then latent."""
+
+    b_idx: Tensor  # long, (nnz,)
+    f_idx: Tensor  # long, (nnz,)
+    offsets: Tensor  # long, (B,): start of each token's entries (embedding_bag offsets)
+
+
+class ForwardOutput(NamedTuple):
+    x_hat_BD: Tensor
+    """Reconstruction in the input's raw space."""
+    loss: Tensor
+    """mse + aux (the SAE loss without any decoder penalty)."""
+    mse: Tensor
+    """Mean squared error over batch and dims, in standardised space (the paper's L2)."""
+    aux: Tensor
+    """AuxK dead-latent loss, already weighted by aux_coef."""
+    l0: float
+    """Mean kept latents per input (exactly k unless fewer than k*B entries are positive)."""
+    n_dead: int
+    min_kept: float
+
+
+class _GatherPre(torch.autograd.Function):
+    """Values of kept pre-activations, with a sparse backward to W_enc and b_dec.
+
+    pre[b, f] = ReLU((x_n[b] - b_dec) . W_enc[:, f]).  For the kept entries the
+    gradient is  dW_enc[:, f] += g * (x_n[b] - b_dec)  and
+    db_dec -= g * W_enc[:, f]: a product with k*B nonzeros instead of a dense
+    B x n x d GEMM.
+    """
+
+    @staticmethod
+    def forward(ctx, W_enc_DF: Tensor, b_dec_D: Tensor, pre_BF: Tensor, x_n_BD: Tensor,
+                b_idx: Tensor, f_idx: Tensor) -> Tensor:  # type: ignore[override]
+        vals = pre_BF[b_idx, f_idx]
+        ctx.save_for_backward(W_enc_DF, b_dec_D, x_n_BD, b_idx, f_idx, vals)
+        ctx.shape = pre_BF.shape
+        return vals
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        W_enc_DF, b_dec_D, x_n_BD, b_idx, f_idx, vals = ctx.saved_tensors
+        B, n = ctx.shape
+        g = torch.where(vals > 0, g, torch.zeros_like(g))  # ReLU derivative (0 at 0)
+        grad_W = grad_b = None
+        if ctx.needs_input_grad[0]:
+            x_c_BD = x_n_BD - b_dec_D
+            S_FB = torch.sparse_coo_tensor(torch.stack([f_idx, b_idx]), g, (n, B), check_invariants=False)
+            grad_W = torch.sparse.mm(S_FB, x_c_BD).t()
+        if ctx.needs_input_grad[1]:
+            col_F = torch.zeros(n, dtype=g.dtype).index_add_(0, f_idx, g)
+            grad_b = -(W_enc_DF @ col_F)
+        return grad_W, grad_b, None, None, None, None
+
+
+class BatchTopKSAE(nn.Module):
+    """BatchTopK SAE.  Same seed -> identical initial weights (solo and joint)."""
+
+    def __init__(self, cfg: SAEConfig, seed: int = 0):
+        super().__init__()
+        cfg.validate("sae")
+        self.cfg = cfg
+        d, n = cfg.d_in, cfg.n_latents
+        gen = torch.Generator().manual_seed(int(seed))
+        W_enc = torch.empty(d, n)
+        # kaiming-uniform exactly as torch.nn.init.kaiming_uniform_ on a d x n tensor
+        # (a=0, fan_in = n), drawn from a private generator so init depends on `seed` only.
+        bound = math.sqrt(6.0 / n)
+        W_enc.uniform_(-bound, bound, generator=gen)
+        self.W_enc_DF = nn.Parameter(W_enc)
+        self.W_dec_FD = nn.Parameter(W_enc.t().clone())
+        self.b_dec_D = nn.Parameter(torch.zeros(d))
+        with torch.no_grad():
+            self.W_dec_FD.div_(self.W_dec_FD.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        # running estimate of the smallest kept activation: the inference threshold
+        self.register_buffer("threshold", torch.tensor(-1.0))
+        # inputs since each latent last fired (dead-latent bookkeeping, in tokens)
+        self.register_buffer("since_fired_F", torch.zeros(n, dtype=torch.long))
+
+    # -- normalisation ----------------------------------------------------
+    def standardize(self, x_BD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if self.cfg.input_norm == "none":
+            zero = x_BD.new_zeros(x_BD.shape[0], 1)
+            return x_BD, zero, torch.ones_like(zero)
+        mu = x_BD.mean(dim=-1, keepdim=True)
+        xc = x_BD - mu
+        std = xc.std(dim=-1, keepdim=True)
+        return xc / (std + EPS), mu, std
+
+    def unstandardize(self, y_BD: Tensor, mu: Tensor, std: Tensor) -> Tensor:
+        if self.cfg.input_norm == "none":
+            return y_BD
+        return y_BD * std + mu
+
+    # -- encoder ----------------------------------------------------------
+    def _pre_from_normalized(self, x_n_BD: Tensor, autocast: bool = False) -> Tensor:
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else nullcontext()
+        with torch.no_grad(), ctx:
+            pre = (x_n_BD - self.b_dec_D) @ self.W_enc_DF
+        return torch.relu(pre.float())
+
+    @torch.no_grad()
+    def pre_acts(self, x_BD: Tensor) -> Tensor:
+        """ReLU((x_n - b_dec) @ W_enc) in float32, no gradient."""
+        x_n, _, _ = self.standardize(x_BD.float())
+        return self._pre_from_normalized(x_n)
+
+    def select(self, pre_BF: Tensor) -> Selection:
+        """BatchTopK: the k*B largest entries of the whole batch matrix."""
+        B, n = pre_BF.shape
+        kk = min(self.cfg.k * B, B * n)
+        flat = torch.topk(pre_BF.reshape(-1), kk, sorted=False).indices
+        flat, _ = torch.sort(flat)
+        b_idx = torch.div(flat, n, rounding_mode="floor")
+        f_idx = flat - b_idx * n
+        counts = torch.bincount(b_idx, minlength=B)
+        offsets = torch.zeros(B, dtype=torch.long)
+        offsets[1:] = torch.cumsum(counts, 0)[:-1]
+        return Selection(b_idx, f_idx, offsets)
+
+    def batch_topk_mask(self, pre_BF: Tensor) -> Tensor:
+        sel = self.select(pre_BF)
+        mask = torch.zeros_like(pre_BF, dtype=torch.bool)
+        mask[sel.b_idx, sel.f_idx] = True
+        return mask & (pre_BF > 0)
+
+    # -- decoder ----------------------------------------------------------
+    def _decode_sparse(self, sel_f: Tensor, offsets: Tensor, vals: Tensor, W_dec_FD: Tensor) -> Tensor:
+        return F.embedding_bag(sel_f, W_dec_FD, offsets, mode="sum", per_sample_weights=vals)
+
+    # -- training forward ---------------------------------------------------
+    def forward_train(self, x_BD: Tensor, autocast: bool = False, x_norm: tuple[Tensor, Tensor, Tensor] | None = None,
+                      update_stats: bool = True) -> ForwardOutput:
+        """BatchTopK forward with loss = MSE (standardised space) + AuxK.
+
+        `x_norm` lets a fan-out trainer standardise a shared batch once.
+        With `update_stats`, the dead-latent counters and the inference
+        threshold are updated (training); the meta SAE's critic pass does not.
+        """
+        x_n, mu, std = x_norm if x_norm is not None else self.standardize(x_BD.float())
+        B = x_n.shape[0]
+        pre = self._pre_from_normalized(x_n, autocast)
+        sel = self.select(pre)
+        vals = _GatherPre.apply(self.W_enc_DF, self.b_dec_D, pre, x_n, sel.b_idx, sel.f_idx)
+        x_hat_n = self._decode_sparse(sel.f_idx, sel.offsets, vals, self.W_dec_FD) + self.b_dec_D
+        mse = (x_hat_n - x_n).pow(2).mean()
+
+        positive = vals.detach() > 0
+        min_kept = float(vals.detach()[positive].min()) if bool(positive.any()) else 0.0
+        dead_F = self.since_fired_F >= self.cfg.dead_after_tokens
+        n_dead = int(dead_F.sum())
+        aux = mse.new_zeros(())
+        if n_dead > 0 and self.cfg.aux_k > 0 and self.cfg.aux_coef > 0:
+            aux = self._aux_loss(pre, x_n, x_hat_n.detach(), dead_F)
+        if update_stats:
+            with torch.no_grad():
+                fired_F = torch.zeros_like(dead_F)
+                fired_F[sel.f_idx[positive]] = True
+                self.since_fired_F += B
+                self.since_fired_F[fired_F] = 0
+                if bool(positive.any()):
+                    if float(self.threshold) < 0:
+                        self.threshold.fill_(min_kept)
+                    else:
+                        lr = self.cfg.threshold_lr
+                        self.threshold.mul_(1 - lr).add_(lr * min_kept)
+        l0 = float(positive.sum()) / B
+        x_hat = self.unstandardize(x_hat_n, mu, std)
+        return ForwardOutput(x_hat, mse + aux, mse, aux, l0, n_dead, min_kept)
+
+    def _aux_loss(self, pre_BF: Tensor, x_n_BD: Tensor, x_hat_n_BD: Tensor, dead_F: Tensor) -> Tensor:
+        """AuxK: the top aux_k dead pre-activations reconstruct the residual x_n - x_hat (detached)."""
+        dead_idx = torch.nonzero(dead_F).squeeze(1)
+        k_aux = min(self.cfg.aux_k, dead_idx.numel())
+        B = pre_BF.shape[0]
+        top = torch.topk(pre_BF[:, dead_idx], k_aux, dim=1)
+        f_idx = dead_idx[top.indices].reshape(-1)
+        b_idx = torch.arange(B).repeat_interleave(k_aux)
+        vals = _GatherPre.apply(self.W_enc_DF, self.b_dec_D, pre_BF, x_n_BD, b_idx, f_idx)
+        offsets = torch.arange(B) * k_aux
+        recon = self._decode_sparse(f_idx, offsets, vals, self.W_dec_FD)
+        residual = (x_n_BD - x_hat_n_BD).detach()
+        return self.cfg.aux_coef * (recon - residual).pow(2).mean()
+
+    # -- inference --------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, x_BD: Tensor, thresholds_F: Tensor | None = None, batch_topk: bool = False) -> Tensor:
+        """Dense latent activations.
+
+        Default: the learned global threshold (batch-independent).  With
+        `thresholds_F`: per-latent (EER) thresholds.  With `batch_topk`: the
+        training rule over this batch.
+        """
+        pre = self.pre_acts(x_BD)
+        if batch_topk:
+            return pre * self.batch_topk_mask(pre)
+        th = thresholds_F if thresholds_F is not None else self.threshold.clamp_min(0)
+        return pre * (pre > th)
+
+    @torch.no_grad()
+    def reconstruct(self, x_BD: Tensor, thresholds_F: Tensor | None = None, batch_topk: bool = False) -> Tensor:
+        """Reconstruction in raw space under the chosen inference rule."""
+        x = x_BD.float()
+        _, mu, std = self.standardize(x)
+        acts = self.encode(x, thresholds_F, batch_topk)
+        return self.unstandardize(acts @ self.W_dec_FD + self.b_dec_D, mu, std)
+
+    @torch.no_grad()
+    def mse_standardized(self, x_BD: Tensor, thresholds_F: Tensor | None = None, batch_topk: bool = False) -> float:
+        x = x_BD.float()
+        x_n, _, _ = self.standardize(x)
+        acts = self.encode(x, thresholds_F, batch_topk)
+        return float((acts @ self.W_dec_FD + self.b_dec_D - x_n).pow(2).mean())
+
+    # -- decoder geometry -------------------------------------------------
+    @torch.no_grad()
+    def remove_parallel_grad(self) -> None:
+        """Remove the gradient component parallel to each (unit) decoder row."""
+        g = self.W_dec_FD.grad
+        if g is None:
+            return
+        W = self.W_dec_FD
+        g.sub_((g * W).sum(dim=1, keepdim=True) * W)
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec_FD.div_(self.W_dec_FD.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def dead_mask(self) -> Tensor:
+        return self.since_fired_F >= self.cfg.dead_after_tokens
+
+
+# ---------------------------------------------------------------------------
+# Penalties
+# ---------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def meta_reconstruction(meta: BatchTopKSAE, W_dec_FD: Tensor, autocast: bool = False) -> Tensor:
+    """W_hat = meta(W_dec) under no_grad: a stop-gradient target (SPEC 1).
+
+    The meta SAE's training rule (BatchTopK over the whole n-row batch) is used,
+    as in the paper's code, and its statistics are not updated by this pass.
+    """
+    x = W_dec_FD.detach().float()
+    x_n, mu, std = meta.standardize(x)
+    pre = meta._pre_from_normalized(x_n, autocast)
+    sel = meta.select(pre)
+    vals = pre[sel.b_idx, sel.f_idx]
+    y = meta._decode_sparse(sel.f_idx, sel.offsets, vals, meta.W_dec_FD) + meta.b_dec_D
+    return meta.unstandardize(y, mu, std)
+
+
+def decomposability_penalty(W_dec_FD: Tensor, W_hat_FD: Tensor, sigma2: float) -> tuple[Tensor, Tensor]:
+    """mean_i p_i with p_i = exp(-||W_dec[i] - W_hat[i]||^2 / sigma2) (paper eq. 2-3).
+
+    p_i near 1: row i is easy to rebuild from the meta dictionary (penalised).
+    W_hat is a constant: the gradient pushes each row away from its meta
+    reconstruction with weight 2 p_i / (n sigma2).
+    """
+    if sigma2 <= 0:
+        raise ValueError(f"sigma2 must be positive, not {sigma2}")
+    err_F = (W_dec_FD - W_hat_FD.detach()).pow(2).sum(dim=1)
+    p_F = torch.exp(-err_F / sigma2)
+    return p_F.mean(), p_F.detach()
+
+
+def orthogonality_penalty(W_dec_FD: Tensor, chunk: int = 4096, generator: torch.Generator | None = None) -> Tensor:
+    """OrtSAE-style baseline: mean over latents of the largest squared cosine
+    similarity to another latent of the same random chunk.
+
+    The exact OrtSAE loss could not be retrieved (paper-notes section 6); this
+    keeps its two stated properties: it penalises high pairwise decoder cosine
+    and costs O(n * chunk * d), linear in n for a fixed chunk size.
+    """
+    n = W_dec_FD.shape[0]
+    W = W_dec_FD / W_dec_FD.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    perm = torch.randperm(n, generator=generator) if n > chunk else torch.arange(n)
+    total = W.new_zeros(())
+    for start in range(0, n, chunk):
+        idx = perm[start:start + chunk]
+        Wc = W[idx]
+        cos = (Wc @ Wc.t()).masked_fill(torch.eye(len(idx), dtype=torch.bool), -1.0)
+        total = total + cos.max(dim=1).values.clamp_min(0).pow(2).sum()
+    return total / n

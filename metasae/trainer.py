@@ -1,0 +1,285 @@
+"""The joint trainer: one activation stream fans out to many SAEs.
+
+The trainer never sees the language model.  It consumes an iterator of
+activation batches (B x d tensors) — from the activation cache, from the
+synthetic generator, or from random tensors in a test — and trains every
+:class:`~metasae.config.RunSpec` on the same batches in the same order:
+
+* ``solo``: BatchTopK SAE, loss = MSE + AuxK;
+* ``joint``: the same primary (identical initialisation for the same seed) plus
+  a meta SAE; macro-steps of ``n_p`` primary steps (meta frozen; the penalty
+  lambda2 * mean_i exp(-||W_dec[i] - meta(W_dec)[i]||^2 / sigma2) recomputed
+  at every step, meta output under no_grad) followed by ``n_m`` meta steps on
+  the whole detached W_dec (SPEC section 1);
+* ``ortho``: an OrtSAE-style decoder-cosine penalty, no meta SAE.
+
+Resumable: every ``checkpoint_every_steps`` primary steps each run writes a
+step folder and then ``trainer.json`` is replaced atomically; rerunning the
+same call after a kill continues from the last commit and ends with weights
+identical to an uninterrupted run (same data order, optimiser and generator
+state restored; on CPU with the same thread count).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from metasae.checkpoint import (
+    TRAINER_FILE,
+    config_fingerprint,
+    export_saelens,
+    load_optimizer_tensors,
+    load_sae_tensors,
+    read_run_step,
+    read_trainer,
+    step_dirname,
+    write_run_step,
+)
+from metasae.config import ConfigError, MetaConfig, RunSpec, SAEConfig, TrainConfig
+from metasae.io import atomic_write_json
+from metasae.sae import BatchTopKSAE, decomposability_penalty, meta_reconstruction, orthogonality_penalty
+
+BatchSource = Callable[[int], Iterator[torch.Tensor]]
+"""start_batch -> iterator over the remaining training batches (B x d)."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (non-finite loss, bad batch); the message names run, stage and step."""
+
+
+def meta_sae_config(sae: SAEConfig, meta: MetaConfig, n_latents: int | None = None) -> SAEConfig:
+    """The meta SAE shares the primary's normalisation, AuxK and optimiser settings (paper code: cfg.copy())."""
+    m = n_latents or meta.n_latents
+    rows = meta.dead_after_rows or 5 * sae.n_latents
+    return dataclasses.replace(sae, n_latents=m, k=meta.k, dead_after_tokens=rows, aux_k=min(sae.aux_k, m))
+
+
+@dataclasses.dataclass
+class RunState:
+    spec: RunSpec
+    primary: BatchTopKSAE
+    opt: torch.optim.Optimizer
+    meta: BatchTopKSAE | None = None
+    meta_opt: torch.optim.Optimizer | None = None
+    generator: torch.Generator | None = None
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    last_meta_mse: float = float("nan")
+
+
+def _adam(params, cfg: SAEConfig) -> torch.optim.Adam:
+    return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+class FanOutTrainer:
+    """Train several SAEs from one batch stream (see module docstring)."""
+
+    def __init__(self, sae_cfg: SAEConfig, meta_cfg: MetaConfig, train_cfg: TrainConfig, runs: list[RunSpec],
+                 ckpt_root: str | Path | None = None, progress: bool = True, desc: str = "train"):
+        sae_cfg.validate("sae")
+        train_cfg.validate("train")
+        if not runs:
+            raise ConfigError("runs must list at least one SAE to train")
+        names = [r.name for r in runs]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"run names must be unique, got {names}")
+        for r in runs:
+            r.validate(f"run {r.name}")
+            if r.kind == "joint":
+                meta_cfg.validate(sae_cfg.n_latents)
+                if r.meta_latents and r.meta_latents >= sae_cfg.n_latents:
+                    raise ConfigError(f"run {r.name}: meta_latents ({r.meta_latents}) must be smaller than "
+                                      f"sae.n_latents ({sae_cfg.n_latents})")
+        if train_cfg.batch_size * sae_cfg.k > train_cfg.batch_size * sae_cfg.n_latents:
+            raise ConfigError("sae.k must be smaller than sae.n_latents")
+        self.sae_cfg, self.meta_cfg, self.train_cfg, self.runs = sae_cfg, meta_cfg, train_cfg, runs
+        self.ckpt_root = Path(ckpt_root) if ckpt_root else None
+        self.progress, self.desc = progress, desc
+        self.autocast = train_cfg.autocast == "bfloat16"
+
+    # -- construction -------------------------------------------------------
+    def _fresh_state(self, spec: RunSpec) -> RunState:
+        primary = BatchTopKSAE(self.sae_cfg, seed=spec.seed)
+        st = RunState(spec, primary, _adam(primary.parameters(), self.sae_cfg))
+        if spec.kind == "joint":
+            mcfg = meta_sae_config(self.sae_cfg, self.meta_cfg, spec.meta_latents or None)
+            st.meta = BatchTopKSAE(mcfg, seed=spec.seed + 7919)
+            st.meta_opt = _adam(st.meta.parameters(), mcfg)
+        if spec.kind == "ortho":
+            st.generator = torch.Generator().manual_seed(spec.seed + 104729)
+        return st
+
+    def fingerprint(self, n_steps: int) -> str:
+        return config_fingerprint({
+            "sae": dataclasses.asdict(self.sae_cfg), "meta": dataclasses.asdict(self.meta_cfg),
+            "batch_size": self.train_cfg.batch_size, "autocast": self.train_cfg.autocast,
+            "runs": [dataclasses.asdict(r) for r in self.runs], "n_steps": n_steps,
+        })
+
+    def _load_states(self, step: int) -> list[RunState]:
+        assert self.ckpt_root is not None
+        states = []
+        hint = f"delete {self.ckpt_root} and rerun the training stage"
+        for spec in self.runs:
+            raw = read_run_step(self.ckpt_root / spec.name / step_dirname(step), hint)
+            st = self._fresh_state(spec)
+            load_sae_tensors(st.primary, raw["sae"])
+            load_optimizer_tensors(st.opt, raw["state"], "primary_opt")
+            if st.meta is not None:
+                load_sae_tensors(st.meta, raw["meta"])
+                load_optimizer_tensors(st.meta_opt, raw["state"], "meta_opt")
+            if st.generator is not None:
+                st.generator.set_state(raw["state"]["generator"])
+            st.history = raw["history"]
+            st.last_meta_mse = float(raw["cfg"].get("last_meta_mse", float("nan")))
+            states.append(st)
+        return states
+
+    def _commit(self, states: list[RunState], step: int, n_steps: int, complete: bool) -> None:
+        if self.ckpt_root is None:
+            return
+        prev = read_trainer(self.ckpt_root)
+        for st in states:
+            write_run_step(self.ckpt_root / st.spec.name, step, st.spec, st.primary, st.opt, st.meta, st.meta_opt,
+                           st.generator, st.history, {"last_meta_mse": st.last_meta_mse,
+                                                      "tokens": step * self.train_cfg.batch_size})
+        atomic_write_json(self.ckpt_root / TRAINER_FILE, {
+            "step": step, "n_steps": n_steps, "complete": complete, "fingerprint": self.fingerprint(n_steps),
+            "runs": [s.spec.name for s in states], "batch_size": self.train_cfg.batch_size,
+            "tokens": step * self.train_cfg.batch_size,
+        })
+        # only now is the previous step folder garbage
+        if prev is not None and prev.get("step") != step:
+            for st in states:
+                old = self.ckpt_root / st.spec.name / step_dirname(prev["step"])
+                shutil.rmtree(old, ignore_errors=True)
+        if complete:
+            for st in states:
+                export_saelens(st.primary, self.ckpt_root / st.spec.name / "saelens",
+                               metadata={"run": st.spec.name, "seed": st.spec.seed})
+
+    # -- the loop -----------------------------------------------------------
+    def train(self, batches: BatchSource, n_steps: int) -> list[RunState]:
+        """Run `n_steps` primary steps (resuming from the last commit if any)."""
+        if n_steps <= 0:
+            raise ConfigError(f"the training split yields no full batch of {self.train_cfg.batch_size} tokens")
+        if self.train_cfg.threads:
+            torch.set_num_threads(self.train_cfg.threads)
+        start = 0
+        states: list[RunState] | None = None
+        if self.ckpt_root is not None:
+            tr = read_trainer(self.ckpt_root)
+            if tr is not None:
+                if tr.get("fingerprint") != self.fingerprint(n_steps):
+                    raise ConfigError(
+                        f"{self.ckpt_root} holds checkpoints of a different configuration; "
+                        "choose another output folder (--out) or delete that folder to retrain")
+                start = int(tr["step"])
+                states = self._load_states(start)
+                if tr.get("complete"):
+                    return states
+        if states is None:
+            states = [self._fresh_state(s) for s in self.runs]
+        n_p, n_m = self.meta_cfg.n_primary_steps, self.meta_cfg.n_meta_steps
+        every_ckpt, every_eval = self.train_cfg.checkpoint_every_steps, self.train_cfg.eval_every_steps
+        B = self.train_cfg.batch_size
+        t0, tokens_done = time.perf_counter(), 0
+        share_norm = all(st.primary.cfg.input_norm == "standardize" for st in states)
+        bar = tqdm(total=n_steps, initial=start, desc=self.desc, unit="step", disable=not self.progress,
+                   dynamic_ncols=True)
+        it = batches(start)
+        step = start
+        try:
+            for step in range(start, n_steps):
+                try:
+                    x = next(it)
+                except StopIteration:
+                    raise TrainingError(f"the batch source ended at step {step} of {n_steps}") from None
+                if x.ndim != 2 or x.shape[1] != self.sae_cfg.d_in:
+                    raise TrainingError(f"batch at step {step} has shape {tuple(x.shape)}; "
+                                        f"expected (batch, {self.sae_cfg.d_in}) to match sae.d_in")
+                if x.shape[0] != B:
+                    raise TrainingError(f"batch at step {step} has {x.shape[0]} rows; expected train.batch_size={B}")
+                x = x.float()
+                if not bool(torch.isfinite(x).all()):
+                    raise TrainingError(f"non-finite activations in the training batch at step {step}")
+                x_norm = states[0].primary.standardize(x) if share_norm else None
+                record = (step + 1) % every_eval == 0 or step + 1 == n_steps or step == start
+                for st in states:
+                    self._primary_step(st, x, x_norm, step, record)
+                    if st.meta is not None and (step + 1) % n_p == 0:
+                        for j in range(n_m):
+                            self._meta_step(st, step, j)
+                tokens_done += B
+                if record:
+                    tok_s = tokens_done / max(time.perf_counter() - t0, 1e-9)
+                    for st in states:
+                        st.history[-1]["tokens_per_s"] = tok_s
+                    bar.set_postfix(tok_s=f"{tok_s:,.0f}")
+                bar.update(1)
+                done = step + 1
+                if done % every_ckpt == 0 and done != n_steps:
+                    self._commit(states, done, n_steps, complete=False)
+        finally:
+            bar.close()
+        self._commit(states, n_steps, n_steps, complete=True)
+        return states
+
+    def _primary_step(self, st: RunState, x: torch.Tensor, x_norm, step: int, record: bool) -> None:
+        spec, sae = st.spec, st.primary
+        out = sae.forward_train(x, self.autocast, x_norm=x_norm)
+        loss = out.loss
+        pen_val = float("nan")
+        if spec.kind == "joint" and st.meta is not None:
+            if spec.lambda2 > 0:
+                W_hat = meta_reconstruction(st.meta, sae.W_dec_FD, self.autocast)
+                pen, _ = decomposability_penalty(sae.W_dec_FD, W_hat, spec.sigma2)
+                loss = loss + spec.lambda2 * pen
+                pen_val = float(pen.detach())
+            elif record:  # the lambda2 = 0 control: measured, never in the loss
+                W_hat = meta_reconstruction(st.meta, sae.W_dec_FD, self.autocast)
+                pen_val = float(decomposability_penalty(sae.W_dec_FD.detach(), W_hat, spec.sigma2)[0])
+        elif spec.kind == "ortho":
+            pen = orthogonality_penalty(sae.W_dec_FD, generator=st.generator)
+            loss = loss + spec.ortho_coef * pen
+            pen_val = float(pen.detach())
+        if not math.isfinite(float(loss.detach())):
+            raise TrainingError(f"non-finite loss in run {spec.name} at primary step {step} (stage: training)")
+        st.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        sae.remove_parallel_grad()
+        st.opt.step()
+        sae.normalize_decoder()
+        if record:
+            st.history.append({
+                "step": step + 1, "tokens": (step + 1) * x.shape[0], "loss": float(loss.detach()),
+                "mse": float(out.mse.detach()), "aux": float(out.aux.detach()), "l0": out.l0,
+                "n_dead": out.n_dead, "threshold": float(sae.threshold), "penalty": pen_val,
+                "meta_mse": st.last_meta_mse,
+            })
+
+    def _meta_step(self, st: RunState, step: int, j: int) -> None:
+        meta = st.meta
+        assert meta is not None and st.meta_opt is not None
+        out = meta.forward_train(st.primary.W_dec_FD.detach(), self.autocast)
+        if not math.isfinite(float(out.loss.detach())):
+            raise TrainingError(f"non-finite meta loss in run {st.spec.name} after primary step {step} "
+                                f"(stage: meta step {j})")
+        st.meta_opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        meta.remove_parallel_grad()
+        st.meta_opt.step()
+        meta.normalize_decoder()
+        st.last_meta_mse = float(out.mse.detach())
+
+
+def default_threads() -> int:
+    return max(1, os.cpu_count() or 1)
