@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Regenerate the paper's tables and figures.
+#
+#   bash run_all.sh [--profile NAME] [--seeds 0,1,2] [--out DIR] [--figures DIR] [--only NOTEBOOK]
+#
+# With no argument: profile "default" (the embedded SmolLM2 model on the offline
+# Debian corpus, CPU).  Sets up the environment on first use (scripts/setup_env.sh),
+# builds the offline corpus when absent, then runs the notebooks through
+# metasae.harness.  Bad input fails within seconds, before any setup.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=scripts/setup_env.sh
+source "$ROOT/scripts/setup_env.sh"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export METASAE_PROG="bash run_all.sh"
+
+case " $* " in
+    *" -h "*|*" --help "*)
+        py="$(metasae_python_for_checks)" || exit 1
+        exec "$py" -m metasae.harness --help ;;
+esac
+
+# 1. Validate profile, seeds and output folders with whatever Python is at hand.
+py="$(metasae_python_for_checks)" || exit 1
+corpus="$("$py" -m metasae.harness --check "$@")" || exit $?
+
+# 2. Environment (a no-op when nothing changed since the last run).
+metasae_setup || exit 1
+
+# 3. The offline corpus, when the profile uses it.
+metasae_ensure_corpus "$corpus" || exit $?
+
+# 4. The notebooks.
+exec "$METASAE_PY" -m metasae.harness "$@"
