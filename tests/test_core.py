@@ -1,0 +1,262 @@
+"""Invariants of the method (SPEC section 1), one test each, on small random data."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from metasae.checkpoint import export_saelens, load_sae, load_trained_run, save_sae
+from metasae.config import ConfigError, MetaConfig, RunSpec, SAEConfig, TrainConfig
+from metasae.sae import BatchTopKSAE, decomposability_penalty, meta_reconstruction, orthogonality_penalty
+from metasae.trainer import FanOutTrainer, RunState, TrainingError, meta_sae_config
+
+torch.set_num_threads(1)
+
+D, N, K, B = 24, 96, 4, 64
+SAE_CFG = SAEConfig(d_in=D, n_latents=N, k=K, dead_after_tokens=4 * B, aux_k=16)
+META = MetaConfig(n_latents=12, k=2, n_primary_steps=3, n_meta_steps=2)
+
+
+def sparse_data(n_tokens: int, seed: int = 0, n_feat: int = 48) -> torch.Tensor:
+    """Activations built from sparse combinations of fixed directions (some structure to learn)."""
+    g = torch.Generator().manual_seed(1234)
+    dirs = torch.randn(n_feat, D, generator=g)
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(n_tokens, n_feat, generator=g) < 0.08
+    coef = torch.rand(n_tokens, n_feat, generator=g) * 3 * mask
+    return coef @ dirs + 0.05 * torch.randn(n_tokens, D, generator=g) + 2.0
+
+
+def source(data: torch.Tensor, bs: int = B):
+    def make(start: int):
+        for i in range(start, data.shape[0] // bs):
+            yield data[i * bs:(i + 1) * bs]
+    return make
+
+
+def dense_reference_loss(sae: BatchTopKSAE, x: torch.Tensor) -> torch.Tensor:
+    """The straightforward autograd version of the SAE MSE (no AuxK)."""
+    x_n, _, _ = sae.standardize(x)
+    pre = torch.relu((x_n - sae.b_dec_D) @ sae.W_enc_DF)
+    mask = sae.batch_topk_mask(pre.detach())
+    x_hat = (pre * mask) @ sae.W_dec_FD + sae.b_dec_D
+    return (x_hat - x_n).pow(2).mean()
+
+
+def test_batchtopk_keeps_exactly_k_per_token_on_average():
+    sae = BatchTopKSAE(SAE_CFG, seed=0)
+    x = sparse_data(B)
+    out = sae.forward_train(x)
+    assert out.l0 == K
+    mask = sae.batch_topk_mask(sae.pre_acts(x))
+    assert int(mask.sum()) == K * B
+    # per-token counts vary (batch-level top-k), the mean is exact
+    assert mask.sum(1).float().std() > 0
+
+
+def test_sparse_gradients_match_dense_autograd():
+    a, b = BatchTopKSAE(SAE_CFG, seed=3), BatchTopKSAE(SAE_CFG, seed=3)
+    with torch.no_grad():
+        for s in (a, b):
+            s.b_dec_D.normal_(generator=torch.Generator().manual_seed(5))
+    x = sparse_data(B, seed=1)
+    a.forward_train(x, update_stats=False).mse.backward()
+    dense_reference_loss(b, x).backward()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_decoder_rows_unit_norm_after_every_step():
+    trainer = FanOutTrainer(SAE_CFG, META, TrainConfig(batch_size=B), [RunSpec("j", "joint", 0, 0.3, 1.0)],
+                            progress=False)
+    st = trainer._fresh_state(trainer.runs[0])
+    data = sparse_data(10 * B)
+    for step in range(10):
+        trainer._primary_step(st, data[step * B:(step + 1) * B], None, step, record=False)
+        torch.testing.assert_close(st.primary.W_dec_FD.norm(dim=1), torch.ones(N), rtol=0, atol=1e-5)
+        if (step + 1) % META.n_primary_steps == 0:
+            trainer._meta_step(st, step, 0)
+            torch.testing.assert_close(st.meta.W_dec_FD.norm(dim=1), torch.ones(META.n_latents), rtol=0, atol=1e-5)
+
+
+def test_parallel_gradient_component_removed():
+    sae = BatchTopKSAE(SAE_CFG, seed=0)
+    sae.forward_train(sparse_data(B)).loss.backward()
+    sae.remove_parallel_grad()
+    radial = (sae.W_dec_FD.grad * sae.W_dec_FD).sum(1)
+    assert radial.abs().max() < 1e-6
+
+
+def test_no_gradient_reaches_the_meta_sae_from_the_primary_loss():
+    trainer = FanOutTrainer(SAE_CFG, META, TrainConfig(batch_size=B), [RunSpec("j", "joint", 0, 1.0, 0.5)],
+                            progress=False)
+    st = trainer._fresh_state(trainer.runs[0])
+    before = {k: v.clone() for k, v in st.meta.state_dict().items()}
+    trainer._primary_step(st, sparse_data(B), None, 0, record=True)
+    assert all(p.grad is None for p in st.meta.parameters())
+    for k, v in st.meta.state_dict().items():
+        assert torch.equal(v, before[k]), k  # the critic pass changes no meta statistic either
+    assert st.history[-1]["penalty"] > 0
+
+
+def test_penalty_matches_formula_on_a_hand_built_case():
+    W = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    W_hat = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    sigma2 = 0.5
+    mean_p, p = decomposability_penalty(W, W_hat, sigma2)
+    expected = torch.tensor([1.0, torch.exp(torch.tensor(-1.0 / 0.5)), torch.exp(torch.tensor(-1.0 / 0.5))])
+    torch.testing.assert_close(p, expected)
+    torch.testing.assert_close(mean_p, expected.mean())
+
+
+def test_penalty_gradient_pushes_rows_away_from_meta_reconstruction():
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(8, 5, generator=g).requires_grad_(True)
+    W_hat = W.detach() + 0.3 * torch.randn(8, 5, generator=g)
+    mean_p, _ = decomposability_penalty(W, W_hat, 1.0)
+    mean_p.backward()
+    W_new = W.detach() - 0.1 * W.grad
+    assert ((W_new - W_hat).norm(dim=1) > (W.detach() - W_hat).norm(dim=1)).all()
+    # and the gradient direction is exactly -(W - W_hat) scaled by 2 p / (n sigma2)
+    err = (W.detach() - W_hat).pow(2).sum(1, keepdim=True)
+    expected = -(2 / 8) * torch.exp(-err) * (W.detach() - W_hat)
+    torch.testing.assert_close(W.grad, expected)
+
+
+def test_solo_and_joint_start_identical_and_lambda0_trains_exactly_like_solo():
+    runs = [RunSpec("solo"), RunSpec("joint", "joint", 0, 0.3, 1.0), RunSpec("ctrl", "joint", 0, 0.0, 1.0)]
+    trainer = FanOutTrainer(SAE_CFG, META, TrainConfig(batch_size=B, eval_every_steps=5), runs, progress=False)
+    fresh = [trainer._fresh_state(r) for r in runs]
+    for st in fresh[1:]:
+        for pa, pb in zip(fresh[0].primary.parameters(), st.primary.parameters()):
+            assert torch.equal(pa, pb)
+    states = trainer.train(source(sparse_data(12 * B)), 12)
+    solo, joint, ctrl = (s.primary for s in states)
+    for pa, pb in zip(solo.parameters(), ctrl.parameters()):
+        assert torch.equal(pa, pb)
+    assert not torch.equal(solo.W_dec_FD, joint.W_dec_FD)
+    assert states[2].meta is not None and states[2].history[-1]["penalty"] > 0
+
+
+def test_dead_latents_are_counted_in_tokens_and_feed_auxk():
+    cfg = dataclasses.replace(SAE_CFG, dead_after_tokens=2 * B)
+    sae = BatchTopKSAE(cfg, seed=0)
+    x = sparse_data(B)
+    out1 = sae.forward_train(x)
+    assert out1.n_dead == 0 and float(out1.aux) == 0.0
+    assert (sae.since_fired_F == B).any()  # some latents did not fire in the first batch
+    sae.forward_train(x)
+    dead_before = int((sae.since_fired_F >= 2 * B).sum())  # silent for 2 batches = 2*B tokens
+    out3 = sae.forward_train(x)
+    assert out3.n_dead == dead_before > 0
+    assert float(out3.aux.detach()) > 0
+
+
+def test_inference_threshold_reproduces_training_sparsity():
+    trainer = FanOutTrainer(SAE_CFG, META, TrainConfig(batch_size=B), [RunSpec("solo")], progress=False)
+    states = trainer.train(source(sparse_data(150 * B)), 150)
+    sae = states[0].primary
+    fresh = sparse_data(20 * B, seed=99)
+    l0 = float((sae.encode(fresh) > 0).sum(1).float().mean())
+    assert abs(l0 - K) / K < 0.35, l0
+
+
+def test_save_load_roundtrip_identical_outputs(tmp_path):
+    sae = BatchTopKSAE(SAE_CFG, seed=2)
+    with torch.no_grad():
+        sae.b_dec_D.add_(0.1)
+        sae.threshold.fill_(0.2)
+    save_sae(sae, tmp_path / "s")
+    back = load_sae(tmp_path / "s")
+    x = sparse_data(B, seed=4)
+    assert torch.equal(sae.reconstruct(x), back.reconstruct(x))
+    assert torch.equal(sae.encode(x), back.encode(x))
+
+
+def test_trained_run_loads_back(tmp_path):
+    runs = [RunSpec("solo"), RunSpec("joint", "joint", 0, 0.3, 1.0)]
+    states = FanOutTrainer(SAE_CFG, META, TrainConfig(batch_size=B, checkpoint_every_steps=4), runs,
+                           ckpt_root=tmp_path, progress=False).train(source(sparse_data(9 * B)), 9)
+    back = load_trained_run(tmp_path, "joint")
+    assert torch.equal(back.sae.W_dec_FD, states[1].primary.W_dec_FD)
+    assert torch.equal(back.meta.W_enc_DF, states[1].meta.W_enc_DF)
+    assert back.history[-1]["step"] == 9
+    assert sorted(p.name for p in (tmp_path / "joint").iterdir()) == ["saelens", "step00000009"]
+
+
+def test_saelens_export_loads_and_encodes_identically(tmp_path):
+    sae_lens = pytest.importorskip("sae_lens")
+    sae = BatchTopKSAE(SAE_CFG, seed=1)
+    with torch.no_grad():
+        sae.b_dec_D.normal_(generator=torch.Generator().manual_seed(1))
+        sae.threshold.fill_(0.3)
+    export_saelens(sae, tmp_path / "sl")
+    loaded = sae_lens.SAE.load_from_disk(str(tmp_path / "sl"))
+    x = sparse_data(B, seed=7)
+    torch.testing.assert_close(loaded.encode(x), sae.encode(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loaded.decode(loaded.encode(x)), sae.reconstruct(x), rtol=1e-4, atol=1e-4)
+
+
+def test_meta_reconstruction_is_batchtopk_over_all_rows():
+    mcfg = meta_sae_config(SAE_CFG, META)
+    meta = BatchTopKSAE(mcfg, seed=0)
+    W = BatchTopKSAE(SAE_CFG, seed=0).W_dec_FD.detach()
+    W_hat = meta_reconstruction(meta, W)
+    assert W_hat.shape == W.shape and not W_hat.requires_grad
+    x_n, mu, std = meta.standardize(W)
+    pre = meta.pre_acts(W)
+    acts = pre * meta.batch_topk_mask(pre)
+    torch.testing.assert_close(W_hat, meta.unstandardize(acts @ meta.W_dec_FD + meta.b_dec_D, mu, std))
+
+
+def test_orthogonality_penalty_prefers_orthogonal_rows():
+    eye = torch.eye(6)
+    same = torch.ones(6, 6) / 6 ** 0.5
+    assert float(orthogonality_penalty(eye)) == 0.0
+    assert float(orthogonality_penalty(same)) == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("bad, field", [
+    (dict(k=96), "sae.k"),
+    (dict(k=0), "sae.k"),
+    (dict(n_latents=-1), "sae.n_latents"),
+    (dict(input_norm="zscore"), "sae.input_norm"),
+    (dict(lr=0.0), "sae.lr"),
+])
+def test_bad_sae_config_names_the_field(bad, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        BatchTopKSAE(dataclasses.replace(SAE_CFG, **bad))
+
+
+@pytest.mark.parametrize("run, meta, field", [
+    (RunSpec("j", "joint", 0, 0.3, 0.0), META, "sigma2"),
+    (RunSpec("j", "joint", 0, -0.1, 1.0), META, "lambda2"),
+    (RunSpec("j", "joint", 0, 0.3, 1.0), dataclasses.replace(META, n_latents=N), "meta.n_latents"),
+    (RunSpec("j", "joint", 0, 0.3, 1.0, meta_latents=200), META, "meta_latents"),
+    (RunSpec("j", "joint", 0, 0.3, 1.0), dataclasses.replace(META, k=12), "meta.k"),
+])
+def test_bad_run_config_names_the_field(run, meta, field):
+    with pytest.raises(ConfigError, match=field):
+        FanOutTrainer(SAE_CFG, meta, TrainConfig(batch_size=B), [run], progress=False)
+
+
+def test_mismatched_width_and_short_batches_are_refused():
+    trainer = FanOutTrainer(SAE_CFG, META, TrainConfig(batch_size=B), [RunSpec("solo")], progress=False)
+    with pytest.raises(TrainingError, match="sae.d_in"):
+        trainer.train(source(torch.randn(4 * B, D + 1)), 2)
+    with pytest.raises(TrainingError, match="train.batch_size"):
+        trainer.train(source(torch.randn(4 * B, D), bs=B // 2), 2)
+    with pytest.raises(TrainingError, match="batch source ended"):
+        trainer.train(source(torch.randn(2 * B, D)), 5)
+    with pytest.raises(ConfigError, match="no full batch"):
+        trainer.train(source(torch.randn(2 * B, D)), 0)
+
+
+def test_nonfinite_loss_stops_with_stage_and_step():
+    trainer = FanOutTrainer(SAE_CFG, META, TrainConfig(batch_size=B), [RunSpec("solo")], progress=False)
+    data = sparse_data(4 * B)
+    data[2 * B + 3, 0] = float("nan")
+    with pytest.raises(TrainingError, match="step 2"):
+        trainer.train(source(data), 4)
