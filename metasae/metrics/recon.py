@@ -1,0 +1,110 @@
+"""Reconstruction quality under the inference rule (SPEC 3.3-3.5; paper §5.3, App. B, D).
+
+* ``mse``: mean squared error over tokens and dims in the *standardised*
+  space, the quantity the paper calls L2 (solo 0.097 on GPT-2 large).
+* ``explained_variance``: 1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 in raw
+  space, with mean(x) the split's mean vector (SAELens' name; SAELens
+  averages a per-batch version, ours pools the split).
+* ``l0``: mean latents firing per token (pre > threshold); ``dead``: latents
+  that never fire on the split; ``firing_rates``: per latent.
+* CE numbers come from ``metasae.activations.harvest.ce_with_splice``;
+  :func:`ce_summary` turns them into the SAELens / SAEBench scores.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Mapping
+
+import numpy as np
+import torch
+
+from metasae.metrics.cooccurrence import resolve_thresholds, _module_device
+
+
+@torch.no_grad()
+def reconstruction_metrics(sae, batches: Iterable[torch.Tensor], thresholds=None,
+                           max_tokens: int | None = None) -> dict:
+    """MSE, explained variance, L0, dead latents, firing rates and norms of ``sae`` on ``batches``.
+
+    ``thresholds``: None (the SAE's global threshold), an EERResult, or a per-latent array.
+    Per-latent thresholds are passed to ``sae.reconstruct`` / ``sae.mse_standardized``.
+    """
+    device = _module_device(sae)
+    theta = resolve_thresholds(sae, thresholds).to(device)
+    thr_arg = None if thresholds is None else theta
+    n_lat = int(sae.cfg.n_latents)
+    fire_counts = torch.zeros(n_lat, dtype=torch.int64)
+    n_tok = 0
+    sse_std = 0.0
+    n_elem = 0
+    rss = 0.0
+    s1 = None
+    s2 = 0.0
+    norm_x = norm_hat = 0.0
+    for x in batches:
+        if max_tokens is not None and n_tok >= max_tokens:
+            break
+        if max_tokens is not None:
+            x = x[:max_tokens - n_tok]
+        x = x.to(device=device, dtype=torch.float32)
+        B, D = x.shape
+        fired = sae.pre_acts(x) > theta
+        fire_counts += fired.sum(0).cpu()
+        x_hat = sae.reconstruct(x, thr_arg).float()
+        sse_std += float(sae.mse_standardized(x, thr_arg)) * B * D
+        n_elem += B * D
+        x64 = x.double()
+        rss += float(((x64 - x_hat.double()) ** 2).sum())
+        s1 = x64.sum(0) if s1 is None else s1 + x64.sum(0)
+        s2 += float((x64 ** 2).sum())
+        norm_x += float(x64.norm(dim=1).sum())
+        norm_hat += float(x_hat.double().norm(dim=1).sum())
+        n_tok += B
+    if n_tok == 0:
+        raise ValueError("no tokens: the activation stream was empty")
+    tss = s2 - float((s1 ** 2).sum()) / n_tok
+    counts = fire_counts.numpy()
+    return {
+        "n_tokens": n_tok,
+        "mse": sse_std / n_elem,
+        "explained_variance": 1.0 - rss / tss if tss > 0 else float("nan"),
+        "l0": float(counts.sum()) / n_tok,
+        "dead": int((counts == 0).sum()),
+        "frac_alive": float((counts > 0).mean()),
+        "firing_counts": counts,
+        "firing_rates": counts / n_tok,
+        "mean_norm_x": norm_x / n_tok,
+        "mean_norm_x_hat": norm_hat / n_tok,
+        "threshold_rule": "global" if thresholds is None else "per_latent",
+    }
+
+
+def delta_pct(joint: float, solo: float) -> float:
+    """100 (joint - solo) / solo; nan when solo is 0 or either is not finite."""
+    if not (math.isfinite(joint) and math.isfinite(solo)) or solo == 0:
+        return float("nan")
+    return 100.0 * (joint - solo) / solo
+
+
+def ce_summary(d: Mapping[str, float]) -> dict:
+    """CE scores from ``ce_with_splice`` output (clean_ce, spliced_ce, zero_ce, kl_spliced, kl_zero).
+
+    * ``delta_ce_pct`` = 100 (spliced - clean) / clean: the paper's Delta CE %.
+    * ``ce_loss_score`` = (zero - spliced) / (zero - clean): fraction of CE
+      recovered relative to zero-ablating the site (SAEBench / SAELens name).
+    * ``frac_ce_destroyed`` = (spliced - clean) / (zero - clean) = 1 - ce_loss_score
+      (the paper's draft "fraction destroyed").
+    * ``kl_div_score`` = (kl_zero - kl_spliced) / kl_zero (SAEBench name).
+    """
+    clean, spliced, zero = float(d["clean_ce"]), float(d["spliced_ce"]), float(d["zero_ce"])
+    out = {k: d[k] for k in d}
+    out["ce_increase"] = spliced - clean
+    out["delta_ce_pct"] = 100.0 * (spliced - clean) / clean if clean else float("nan")
+    gap = zero - clean
+    out["ce_loss_score"] = (zero - spliced) / gap if gap else float("nan")
+    out["frac_ce_destroyed"] = (spliced - clean) / gap if gap else float("nan")
+    if "kl_spliced" in d and "kl_zero" in d:
+        kz = float(d["kl_zero"])
+        out["kl_div_score"] = (kz - float(d["kl_spliced"])) / kz if kz else float("nan")
+    return out
