@@ -207,7 +207,8 @@ def _tools_present() -> bool:
 
 def _sword_module_present() -> bool:
     mods = Path("/usr/share/sword/mods.d")
-    return (mods / "engweb2015eb.conf").is_file() or any(mods.glob("*web*.conf")) if mods.is_dir() else False
+    names = {p.name.lower() for p in mods.glob("*.conf")} if mods.is_dir() else set()
+    return {"engweb2015eb.conf", "mhcc.conf"} <= names
 
 
 def _install_packages() -> None:

@@ -1,0 +1,491 @@
+"""The activation cache: harvest once, train and evaluate many times.
+
+One token stream is cut into consecutive, disjoint row ranges for the splits
+``train``, ``calib`` (EER thresholds), ``phi`` (co-firing, reconstruction, CE)
+and ``autointerp`` (SPEC section 2), sized from ``DataConfig`` in tokens and
+rounded up to whole rows.  For each split the cache holds
+
+* ``tokens_<split>.i32``  R x T int32 token ids,
+* ``mask_<split>.u8``     R x T valid positions (not BOS / padding),
+* ``acts_<split>_<i>.bin`` shards of R_i x T x D resid_pre activations in 16-bit
+  (bfloat16 stored as its raw uint16 bits, or float16),
+
+and ``manifest.json`` records the model, site, dtype, token ranges, shapes and
+every file's sha256 and size.  The manifest is rewritten atomically after each
+shard, so a killed build resumes where it stopped (finished shards are kept, a
+partial one is rebuilt).  Reads are memory-mapped.
+
+The trainer reads ``iter_batches``: a shuffle over the valid positions of a
+split that depends only on (seed, epoch), and that resumes at ``start_batch``
+without touching the skipped data, so a run killed with -9 sees exactly the
+batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from metasae.activations.corpus import (
+    SHUFFLE_SEED, load_documents, rows_for_tokens, split_row_ranges, tokenize_rows, valid_mask)
+from metasae.io import IntegrityError, atomic_path, atomic_write_json, read_json, sha256_file, verify_file
+
+SPLITS = ("train", "calib", "phi", "autointerp")
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+def _rebuild_hint(profile_name: str) -> str:
+    return f"delete it and rerun `bash run_all.sh --profile {profile_name}`"
+
+
+# ---------------------------------------------------------------------------
+# Building
+# ---------------------------------------------------------------------------
+
+
+def build_cache(profile: Any, out_dir: Path, progress: bool = True, documents: Sequence[str] | None = None,
+                loaded: Any = None) -> "ActivationCache":
+    """Tokenise the profile's corpus once and harvest resid_pre for every split.
+
+    Idempotent and resumable shard by shard.  ``documents`` replaces the corpus
+    (tests, notebooks); ``loaded`` reuses an already loaded model.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mcfg, dcfg = profile.model, profile.data
+    key = {
+        "format": FORMAT_VERSION,
+        "model": mcfg.name, "hub_id": mcfg.hub_id, "layer": mcfg.layer, "model_dtype": mcfg.dtype,
+        "cache_dtype": dcfg.cache_dtype, "ctx_len": dcfg.ctx_len,
+        "corpus": "<documents given>" if documents is not None else dcfg.corpus,
+        "corpus_shuffle_seed": SHUFFLE_SEED,
+        "split_tokens": {s: getattr(dcfg, f"{s}_tokens") for s in SPLITS},
+        "shard_tokens": dcfg.shard_tokens,
+    }
+    man_path = out_dir / MANIFEST
+    manifest = read_json(man_path) if man_path.is_file() else None
+    if manifest is not None and manifest.get("key") != key:
+        diff = sorted(k for k in key if manifest.get("key", {}).get(k) != key[k])
+        raise IntegrityError(
+            f"the activation cache in {out_dir} was built with other settings ({', '.join(diff)}); "
+            f"delete that folder and rerun `bash run_all.sh --profile {profile.name}`")
+
+    def get_loaded() -> Any:
+        nonlocal loaded
+        if loaded is None:
+            from metasae.activations.models import load_model
+
+            loaded = load_model(mcfg.name, dtype=mcfg.dtype, hub_id=mcfg.hub_id,
+                                trust_remote_code=mcfg.trust_remote_code)
+        return loaded
+
+    if manifest is None or not _token_files_ok(out_dir, manifest):
+        manifest = _tokenise(profile, out_dir, key, documents, get_loaded(), manifest)
+        atomic_write_json(man_path, manifest)
+
+    pending = [(s, i) for s in SPLITS for i, sh in enumerate(manifest["splits"][s]["shards"])
+               if not _shard_done(out_dir, sh)]
+    if pending:
+        lm = get_loaded()
+        from metasae.activations.harvest import check_site, harvest_rows
+
+        check_site(lm, mcfg.layer, dcfg.ctx_len)
+        total = sum(_shard_rows(manifest["splits"][s]["shards"][i]) for s, i in pending) * dcfg.ctx_len
+        bar = _progress(total, f"harvest {mcfg.name} L{mcfg.layer}", progress)
+        t0 = time.perf_counter()
+        for split, i in pending:
+            info = manifest["splits"][split]
+            sh = info["shards"][i]
+            a, b = sh["rows"]
+            tok = torch.from_numpy(_read_i32(out_dir / info["tokens_file"]["file"], manifest["ctx_len"])[a:b].astype(np.int64))
+            msk = torch.from_numpy(_read_u8(out_dir / info["mask_file"]["file"], manifest["ctx_len"])[a:b].astype(bool))
+            path = out_dir / sh["file"]
+            with atomic_path(path) as tmp:
+                with open(tmp, "wb") as fh:
+                    r0 = 0
+                    for acts in harvest_rows(lm, mcfg.layer, tok, None, dcfg.harvest_batch_rows):
+                        acts = acts.to(_torch_cache_dtype(dcfg.cache_dtype))
+                        m = msk[r0:r0 + acts.shape[0]]
+                        if not torch.isfinite(acts[m].float()).all():
+                            raise FloatingPointError(
+                                f"non-finite activations while harvesting split {split} shard {i} ({path.name}) "
+                                f"of {mcfg.name} layer {mcfg.layer}; try model.dtype = 'float32'")
+                        fh.write(_to_bytes(acts))
+                        r0 += acts.shape[0]
+                        if bar is not None:
+                            bar.update(acts.shape[0] * acts.shape[1])
+            sh["sha256"] = sha256_file(path)
+            sh["size"] = path.stat().st_size
+            manifest["harvest_seconds"] = manifest.get("harvest_seconds", 0.0) + (time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            atomic_write_json(man_path, manifest)
+        if bar is not None:
+            bar.close()
+    return ActivationCache(out_dir, profile_name=profile.name)
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tok", unit_scale=True, smoothing=0.1)
+
+
+def _tokenise(profile: Any, out_dir: Path, key: dict, documents: Sequence[str] | None, lm: Any,
+              old: dict | None) -> dict:
+    dcfg = profile.data
+    ctx = dcfg.ctx_len
+    from metasae.activations.harvest import check_site
+
+    check_site(lm, profile.model.layer, ctx)
+    sizes = {s: getattr(dcfg, f"{s}_tokens") for s in SPLITS}
+    ranges = split_row_ranges(sizes, ctx)
+    n_rows = max(b for _, b in ranges.values())
+    if documents is None:
+        docs = load_documents(dcfg.corpus) if dcfg.corpus != "fineweb" else _fineweb_docs()
+        corpus_name = dcfg.corpus
+    else:
+        docs = [d for d in documents if d and d.strip()]
+        corpus_name = "<documents given>"
+        if not docs:
+            raise ValueError("the corpus is empty: no non-empty documents were given")
+    tokens = tokenize_rows(docs, lm.tokenizer, ctx, n_rows, bos_token_id=lm.bos_token_id)
+    if tokens.shape[0] < n_rows:
+        have = tokens.shape[0] * ctx
+        raise ValueError(
+            f"corpus {corpus_name} yields only {have:,} tokens ({tokens.shape[0]} rows of {ctx}) but the splits ask for "
+            f"{n_rows * ctx:,} ({', '.join(f'{s} {n:,}' for s, n in sizes.items())}); lower the data.*_tokens settings")
+    mask = valid_mask(tokens, lm.bos_token_id)
+    rows_per_shard = max(1, dcfg.shard_tokens // ctx)
+    d = lm.spec.d_model
+    itemsize = 2
+    splits: dict[str, Any] = {}
+    for s, (a, b) in ranges.items():
+        t = tokens[a:b].numpy().astype(np.int32)
+        m = mask[a:b].numpy().astype(np.uint8)
+        tf, mf = f"tokens_{s}.i32", f"mask_{s}.u8"
+        for name, arr in ((tf, t), (mf, m)):
+            with atomic_path(out_dir / name) as tmp:
+                arr.tofile(tmp)
+        shards = []
+        for j, r in enumerate(range(0, b - a, rows_per_shard)):
+            r1 = min(r + rows_per_shard, b - a)
+            shards.append({"file": f"acts_{s}_{j:04d}.bin", "rows": [r, r1], "shape": [r1 - r, ctx, d],
+                           "expected_size": (r1 - r) * ctx * d * itemsize, "sha256": None, "size": None})
+        splits[s] = {
+            "stream_rows": [a, b], "stream_tokens": [a * ctx, b * ctx], "tokens_requested": sizes[s],
+            "rows": b - a, "valid_tokens": int(m.sum()),
+            "tokens_file": {"file": tf, "sha256": sha256_file(out_dir / tf), "size": (out_dir / tf).stat().st_size},
+            "mask_file": {"file": mf, "sha256": sha256_file(out_dir / mf), "size": (out_dir / mf).stat().st_size},
+            "shards": shards,
+        }
+        if old is not None:  # same tokens as before: finished shards stay valid
+            prev = old.get("splits", {}).get(s, {})
+            if prev.get("tokens_file", {}).get("sha256") == splits[s]["tokens_file"]["sha256"]:
+                for sh, psh in zip(shards, prev.get("shards", [])):
+                    if psh.get("rows") == sh["rows"] and psh.get("sha256"):
+                        sh["sha256"], sh["size"] = psh["sha256"], psh["size"]
+    tk = lm.tokenizer
+    return {
+        "key": key,
+        "profile": profile.name,
+        "model": profile.model.name,
+        "hub_id": profile.model.hub_id or lm.spec.hub_id,
+        "layer": profile.model.layer,
+        "site": f"resid_pre of block {profile.model.layer} (HF hidden_states[{profile.model.layer}])",
+        "model_dtype": profile.model.dtype,
+        "dtype": dcfg.cache_dtype,
+        "d": d,
+        "ctx_len": ctx,
+        "corpus": corpus_name,
+        "corpus_shuffle_seed": SHUFFLE_SEED,
+        "tokenizer": {"class": type(tk).__name__, "name_or_path": str(getattr(tk, "name_or_path", "")),
+                      "vocab_size": len(tk)},
+        "bos_token_id": lm.bos_token_id,
+        "masking": "BOS positions (row starts and document boundaries) are excluded",
+        "splits": splits,
+    }
+
+
+def _fineweb_docs() -> Iterator[str]:
+    from metasae.activations.corpus import iter_documents
+
+    return iter_documents("fineweb")
+
+
+def _token_files_ok(out_dir: Path, manifest: dict) -> bool:
+    try:
+        for s in SPLITS:
+            for k in ("tokens_file", "mask_file"):
+                f = manifest["splits"][s][k]
+                verify_file(out_dir / f["file"], f["sha256"], f["size"], "")
+    except (IntegrityError, KeyError):
+        return False
+    return True
+
+
+def _shard_done(out_dir: Path, sh: dict) -> bool:
+    p = out_dir / sh["file"]
+    return bool(sh.get("sha256")) and p.is_file() and p.stat().st_size == sh["size"]
+
+
+def _shard_rows(sh: dict) -> int:
+    return sh["rows"][1] - sh["rows"][0]
+
+
+def _torch_cache_dtype(name: str) -> torch.dtype:
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _to_bytes(acts: torch.Tensor) -> bytes:
+    return acts.contiguous().view(torch.int16).numpy().tobytes()
+
+
+def _memmap(path: Path, dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
+    # copy-on-write: torch may wrap it without a read-only warning, and the file never changes
+    return np.memmap(path, dtype=dtype, mode="c", shape=shape)
+
+
+def _read_i32(path: Path, ctx: int) -> np.ndarray:
+    n = path.stat().st_size // 4
+    return _memmap(path, np.int32, (n // ctx, ctx))
+
+
+def _read_u8(path: Path, ctx: int) -> np.ndarray:
+    n = path.stat().st_size
+    return _memmap(path, np.uint8, (n // ctx, ctx))
+
+
+# ---------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------
+
+
+class ShardedActs:
+    """A split's R x T x D activations across shards, indexed by row like one array.
+
+    ``acts[i]``, ``acts[a:b]``, ``acts[rows]`` (a sequence or tensor of row
+    indices) and ``acts[rows, positions]`` return float32 torch tensors; only the
+    touched rows are read from the memory-mapped shards.
+    """
+
+    def __init__(self, cache: "ActivationCache", split: str):
+        self.cache, self.split = cache, split
+        info = cache.manifest["splits"][split]
+        self.shards = info["shards"]
+        self.starts = np.array([sh["rows"][0] for sh in self.shards] + [info["rows"]], dtype=np.int64)
+        self.shape = (info["rows"], cache.ctx_len, cache.d)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def shard_array(self, j: int) -> np.ndarray:
+        return self.cache._shard(self.split, j)
+
+    def _rows(self, rows: np.ndarray) -> torch.Tensor:
+        out = np.empty((len(rows), self.shape[1], self.shape[2]), dtype=np.uint16)
+        which = np.searchsorted(self.starts, rows, side="right") - 1
+        for j in np.unique(which):
+            sel = which == j
+            out[sel] = self.shard_array(int(j))[rows[sel] - self.starts[j]]
+        return self.cache._to_float(out)
+
+    def __getitem__(self, idx: Any) -> torch.Tensor:
+        pos = None
+        if isinstance(idx, tuple):
+            idx, pos = idx
+        if isinstance(idx, slice):
+            rows = np.arange(*idx.indices(self.shape[0]))
+        elif isinstance(idx, (int, np.integer)):
+            rows = np.array([int(idx) % self.shape[0]])
+        else:
+            rows = np.asarray(idx.cpu() if isinstance(idx, torch.Tensor) else idx, dtype=np.int64).reshape(-1)
+        x = self._rows(rows)
+        if pos is not None:
+            p = torch.as_tensor(pos)
+            x = x[torch.arange(len(rows)), p] if p.ndim and len(p) == len(rows) else x[:, p]
+        if isinstance(idx, (int, np.integer)):
+            x = x[0]
+        return x
+
+
+@dataclass
+class _Flat:
+    index: np.ndarray  # flat (row * T + pos) indices of the valid positions, ascending
+
+
+class ActivationCache:
+    """Memory-mapped reader of a built cache (see the module docstring)."""
+
+    def __init__(self, out_dir: Path, profile_name: str = "NAME"):
+        self.dir = Path(out_dir)
+        path = self.dir / MANIFEST
+        if not path.is_file():
+            raise IntegrityError(f"{path} is missing; build the cache with `bash run_all.sh --profile {profile_name}`")
+        self.manifest = read_json(path)
+        self.profile_name = self.manifest.get("profile", profile_name)
+        self.ctx_len = int(self.manifest["ctx_len"])
+        self.d = int(self.manifest["d"])
+        self.dtype = self.manifest["dtype"]
+        self._shards: dict[tuple[str, int], np.ndarray] = {}
+        self._flat: dict[str, _Flat] = {}
+        missing = [sh["file"] for s in SPLITS for sh in self.manifest["splits"][s]["shards"] if not sh.get("sha256")]
+        if missing:
+            raise IntegrityError(f"the activation cache in {self.dir} is incomplete ({len(missing)} shards missing, "
+                                 f"first {missing[0]}); rerun `bash run_all.sh --profile {self.profile_name}`")
+
+    # -- files --------------------------------------------------------
+    def _shard(self, split: str, j: int) -> np.ndarray:
+        key = (split, j)
+        if key not in self._shards:
+            sh = self.manifest["splits"][split]["shards"][j]
+            path = self.dir / sh["file"]
+            if not path.is_file() or path.stat().st_size != sh["size"]:
+                raise IntegrityError(f"{path} is missing or truncated; {_rebuild_hint(self.profile_name)}")
+            self._shards[key] = _memmap(path, np.uint16, tuple(sh["shape"]))
+        return self._shards[key]
+
+    def _to_float(self, arr_u16: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(arr_u16).view(np.int16))
+        return t.view(_torch_cache_dtype(self.dtype)).float()
+
+    def tokens(self, split: str) -> torch.Tensor:
+        f = self.manifest["splits"][self._check(split)]["tokens_file"]["file"]
+        return torch.from_numpy(_read_i32(self.dir / f, self.ctx_len))
+
+    def mask(self, split: str) -> torch.Tensor:
+        f = self.manifest["splits"][self._check(split)]["mask_file"]["file"]
+        return torch.from_numpy(_read_u8(self.dir / f, self.ctx_len)).bool()
+
+    def _check(self, split: str) -> str:
+        if split not in self.manifest["splits"]:
+            raise ValueError(f"unknown split {split!r}; the cache has {', '.join(self.manifest['splits'])}")
+        return split
+
+    def n_valid(self, split: str) -> int:
+        return int(self.manifest["splits"][self._check(split)]["valid_tokens"])
+
+    def verify(self) -> None:
+        """Check every file against the manifest (sizes and sha256)."""
+        hint = _rebuild_hint(self.profile_name)
+        for s in SPLITS:
+            info = self.manifest["splits"][s]
+            for k in ("tokens_file", "mask_file"):
+                f = info[k]
+                verify_file(self.dir / f["file"], f["sha256"], f["size"], hint)
+            for sh in info["shards"]:
+                if sh["size"] != sh["expected_size"]:
+                    raise IntegrityError(f"{self.dir / sh['file']} has an inconsistent manifest entry; {hint}")
+                verify_file(self.dir / sh["file"], sh["sha256"], sh["size"], hint)
+
+    # -- positional access -------------------------------------------
+    def split_arrays(self, split: str) -> tuple[ShardedActs, torch.Tensor, torch.Tensor]:
+        """(acts_RTD, tokens_RT, mask_RT); acts are read lazily by row as float32."""
+        return ShardedActs(self, self._check(split)), self.tokens(split), self.mask(split)
+
+    def valid_acts(self, split: str, chunk_tokens: int = 65536) -> Iterator[torch.Tensor]:
+        """Activations at valid positions, in stream order, in chunks of ``chunk_tokens`` x D."""
+        acts = ShardedActs(self, self._check(split))
+        mask = self.mask(split)
+        buf: list[torch.Tensor] = []
+        n = 0
+        for j, sh in enumerate(acts.shards):
+            a, b = sh["rows"]
+            step = max(1, chunk_tokens // self.ctx_len)
+            for r in range(a, b, step):
+                r1 = min(r + step, b)
+                x = self._to_float(acts.shard_array(j)[r - a:r1 - a])[mask[r:r1]]
+                buf.append(x)
+                n += x.shape[0]
+                while n >= chunk_tokens:
+                    cat = torch.cat(buf)
+                    yield cat[:chunk_tokens]
+                    rest = cat[chunk_tokens:]
+                    buf, n = ([rest] if rest.shape[0] else []), rest.shape[0]
+        if n:
+            yield torch.cat(buf)
+
+    # -- shuffled training batches -------------------------------------
+    def _flat_index(self, split: str) -> np.ndarray:
+        if split not in self._flat:
+            m = self.mask(split).numpy().reshape(-1)
+            self._flat[split] = _Flat(np.flatnonzero(m).astype(np.int64))
+        return self._flat[split].index
+
+    def num_batches(self, split: str, batch_size: int, epochs: float = 1.0, drop_last: bool = True) -> int:
+        total = int(math.floor(epochs * self.n_valid(split)))
+        return total // batch_size if drop_last else -(-total // batch_size)
+
+    def iter_batches(self, split: str, batch_size: int, seed: int, epochs: float = 1.0, start_batch: int = 0,
+                     drop_last: bool = True) -> Iterator[torch.Tensor]:
+        """Shuffled float32 B x D batches over the split's valid positions.
+
+        Sample order = permutation(seed, epoch 0) ++ permutation(seed, epoch 1) ++ ...
+        truncated at floor(epochs * N).  Batch b holds samples [b*B, (b+1)*B): it
+        depends only on (seed, b), so ``start_batch`` resumes exactly, generating
+        only the permutations it needs and reading no skipped activations.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}")
+        flat = self._flat_index(self._check(split))
+        n = len(flat)
+        if n == 0:
+            raise ValueError(f"split {split!r} has no valid positions")
+        total = int(math.floor(epochs * n))
+        nb = self.num_batches(split, batch_size, epochs, drop_last)
+        acts = ShardedActs(self, split)
+        perms: dict[int, np.ndarray] = {}
+
+        def perm(e: int) -> np.ndarray:
+            if e not in perms:
+                if len(perms) > 1:
+                    perms.clear()
+                perms[e] = np.random.default_rng([int(seed), e]).permutation(n)
+            return perms[e]
+
+        for b in range(start_batch, nb):
+            s0, s1 = b * batch_size, min((b + 1) * batch_size, total)
+            parts = []
+            s = s0
+            while s < s1:
+                e, off = divmod(s, n)
+                take = min(s1 - s, n - off)
+                parts.append(perm(e)[off:off + take])
+                s += take
+            idx = flat[np.concatenate(parts)]
+            yield self._gather_flat(acts, idx)
+
+    def _gather_flat(self, acts: ShardedActs, flat_idx: np.ndarray) -> torch.Tensor:
+        T = self.ctx_len
+        order = np.argsort(flat_idx, kind="stable")
+        srt = flat_idx[order]
+        rows = srt // T
+        out = np.empty((len(srt), self.d), dtype=np.uint16)
+        which = np.searchsorted(acts.starts, rows, side="right") - 1
+        for j in np.unique(which):
+            sel = which == j
+            arr = acts.shard_array(int(j)).reshape(-1, self.d)
+            out[sel] = arr[srt[sel] - acts.starts[j] * T]
+        res = np.empty_like(out)
+        res[order] = out
+        return self._to_float(res)
+
+
+def open_cache(out_dir: Path, profile_name: str = "NAME") -> ActivationCache:
+    return ActivationCache(out_dir, profile_name)
+
+
+def expected_rows(profile: Any) -> dict[str, int]:
+    return {s: rows_for_tokens(getattr(profile.data, f"{s}_tokens"), profile.data.ctx_len) for s in SPLITS}
+
+
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")

@@ -1,0 +1,241 @@
+"""Activations: models, corpus tokenisation, nnsight harvesting, CE splice, cache."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from metasae.activations.cache import ActivationCache, build_cache
+from metasae.activations.corpus import (CorpusUnavailable, ensure_corpus, main as corpus_main, split_row_ranges,
+                                        tokenize_rows, valid_mask)
+from metasae.activations.harvest import ce_with_splice, harvest_rows, read_resid_pre
+from metasae.activations.models import MODEL_REGISTRY, gpt2_tokenizer, load_model
+from metasae.config import DataConfig, ModelSpecConfig, Profile, SAEConfig, TrainConfig
+from metasae.io import IntegrityError
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+TINY = ["tiny-gpt2", "tiny-gemma2", "tiny-llama"]
+
+DOCS = [
+    "The quick brown fox jumps over the lazy dog. " * 3,
+    "In the beginning God created the heavens and the earth.",
+    "Python is a programming language that lets you work quickly and integrate systems more effectively.",
+    "A sparse autoencoder reconstructs activations from a few active latents. " * 2,
+    "Matthew Henry wrote a concise commentary on the whole Bible.",
+    "Tokens are cut into rows of fixed length, each starting with a BOS token.",
+] * 4
+
+
+@pytest.fixture(scope="module", params=TINY)
+def tiny(request):
+    return load_model(request.param)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    return load_model("tiny-llama")
+
+
+def _padded_batch(lm, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tok = torch.randint(5, 1000, (3, 10), generator=g)
+    attn = torch.ones(3, 10, dtype=torch.long)
+    attn[1, :3] = 0  # left padding
+    attn[2, :6] = 0
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.bos_token_id
+    tok[attn == 0] = pad
+    tok[0, 0] = tok[1, 3] = tok[2, 6] = lm.bos_token_id
+    return tok, attn
+
+
+def test_resid_pre_equals_hidden_states_with_left_padding(tiny):
+    tok, attn = _padded_batch(tiny)
+    pos = (attn.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        hs = tiny.model(input_ids=tok, attention_mask=attn, position_ids=pos, output_hidden_states=True).hidden_states
+    m = attn.bool()
+    for layer in range(tiny.spec.n_layers):
+        acts = torch.cat(list(harvest_rows(tiny, layer, tok, attn, batch_rows=2)))
+        assert acts.shape == (3, 10, tiny.spec.d_model)
+        torch.testing.assert_close(acts[m], hs[layer][m], rtol=1e-4, atol=1e-5)  # batch size changes GEMM order
+    # the whole batch comes back, not batch row 0 (the `.output[0]` trap)
+    acts = read_resid_pre(tiny, 2, tok, attn)
+    assert not torch.allclose(acts[1][m[1]], acts[0][m[1]])
+
+
+def test_gpt2_tokenizer_offline():
+    assert gpt2_tokenizer()("Hello world")["input_ids"] == [15496, 995]
+
+
+def test_smollm2_offline_finite_width_and_chat_template():
+    lm = load_model("smollm2-135m", dtype="bfloat16")
+    assert lm.spec.d_model == 576 and lm.model.config.hidden_size == 576
+    assert lm.tokenizer.chat_template
+    tok = tokenize_rows(DOCS[:3], lm.tokenizer, 16, 2, bos_token_id=lm.bos_token_id)
+    acts = next(harvest_rows(lm, 16, tok, batch_rows=2))
+    assert acts.shape == (2, 16, 576) and torch.isfinite(acts.float()).all()
+
+
+def test_ce_splice_identity_and_zero_ablation():
+    lm = load_model("smollm2-135m", dtype="float32")
+    tok = tokenize_rows(DOCS, lm.tokenizer, 24, 2, bos_token_id=lm.bos_token_id)
+    mask = valid_mask(tok, lm.bos_token_id)
+    r = ce_with_splice(lm, 6, tok, mask, lambda x: x, batch_rows=2)
+    assert r["n_tokens"] == int(mask[:, 1:].sum())
+    assert abs(r["spliced_ce"] - r["clean_ce"]) < 1e-5 and r["kl_spliced"] < 1e-6
+    assert r["zero_ce"] > r["clean_ce"] + 0.5 and r["kl_zero"] > 0.1
+
+
+def test_tokenize_rows_bos_and_mask():
+    tk = gpt2_tokenizer()
+    rows = tokenize_rows(["Hello world", "Hello"], tk, 4, None, bos_token_id=50256)
+    # stream: BOS Hello world BOS Hello -> rows start with BOS; a boundary at a row start is not doubled
+    assert rows.tolist() == [[50256, 15496, 995, 50256]]
+    rows = tokenize_rows(["Hello world"] * 5, tk, 5, None, bos_token_id=50256)
+    assert (rows[:, 0] == 50256).all()
+    assert not valid_mask(rows, 50256)[:, 0].any()
+    r = split_row_ranges({"train": 10, "calib": 4, "phi": 5, "autointerp": 1}, 4)
+    assert r == {"train": (0, 3), "calib": (3, 4), "phi": (4, 6), "autointerp": (6, 7)}
+
+
+def test_clear_errors(tiny_llama, tmp_path):
+    with pytest.raises(ValueError, match="unknown model 'nope'.*tiny-llama"):
+        load_model("nope")
+    tok = torch.zeros(1, 8, dtype=torch.long)
+    with pytest.raises(ValueError, match="out of range.*0..3"):
+        next(harvest_rows(tiny_llama, 4, tok))
+    with pytest.raises(ValueError, match="context limit of 256"):
+        next(harvest_rows(tiny_llama, 0, torch.zeros(1, 300, dtype=torch.long)))
+    with pytest.raises(CorpusUnavailable, match="no .txt"):
+        ensure_corpus(str(tmp_path))
+    prof = _profile()
+    with pytest.raises(ValueError, match="corpus is empty"):
+        build_cache(prof, tmp_path / "c0", progress=False, documents=["", "  "], loaded=tiny_llama)
+    with pytest.raises(ValueError, match=r"yields only .* tokens .* ask for"):
+        build_cache(prof, tmp_path / "c1", progress=False, documents=["tiny"], loaded=tiny_llama)
+
+
+def test_corpus_cli_failure_is_one_sentence(tmp_path, capsys):
+    assert corpus_main(["--ensure", str(tmp_path / "absent")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and "Traceback" not in err
+
+
+def test_folder_corpus(tmp_path):
+    (tmp_path / "a.txt").write_text("one document")
+    assert ensure_corpus(str(tmp_path)) == tmp_path.resolve()
+
+
+# ---------------------------------------------------------------------------
+# cache
+# ---------------------------------------------------------------------------
+
+
+def _profile(name="tinytest"):
+    data = DataConfig(corpus="<test>", ctx_len=16, train_tokens=160, calib_tokens=32, phi_tokens=48,
+                      autointerp_tokens=32, harvest_batch_rows=3, shard_tokens=64, cache_dtype="bfloat16")
+    return Profile(name=name, model=ModelSpecConfig(name="tiny-llama", layer=2, dtype="float32"), data=data,
+                   sae=SAEConfig(d_in=64, n_latents=128, k=4), train=TrainConfig(batch_size=16))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_llama):
+    out = tmp_path_factory.mktemp("cache")
+    cache = build_cache(_profile(), out, progress=False, documents=DOCS, loaded=tiny_llama)
+    return out, cache
+
+
+def test_cache_round_trip_exact(built, tiny_llama):
+    out, cache = built
+    man = json.loads((out / "manifest.json").read_text())
+    assert [man["splits"][s]["rows"] for s in ("train", "calib", "phi", "autointerp")] == [10, 2, 3, 2]
+    starts = [tuple(man["splits"][s]["stream_rows"]) for s in ("train", "calib", "phi", "autointerp")]
+    assert starts == [(0, 10), (10, 12), (12, 15), (15, 17)]
+    assert len(man["splits"]["train"]["shards"]) == 3  # 4 rows of 16 per 64-token shard
+    cache.verify()
+    all_tok = tokenize_rows(DOCS, tiny_llama.tokenizer, 16, 17, bos_token_id=tiny_llama.bos_token_id)
+    for split, (a, b) in zip(("train", "calib", "phi", "autointerp"), starts):
+        acts, tok, mask = cache.split_arrays(split)
+        assert torch.equal(tok.long(), all_tok[a:b])
+        assert torch.equal(mask, valid_mask(all_tok[a:b], tiny_llama.bos_token_id))
+        ref = torch.cat(list(harvest_rows(tiny_llama, 2, all_tok[a:b], batch_rows=4)))
+        ref = ref.to(torch.bfloat16).float()
+        assert torch.equal(acts[0:len(acts)], ref)
+        assert torch.equal(acts[[1, 0]], ref[[1, 0]]) and torch.equal(acts[1], ref[1])
+        valid = torch.cat(list(cache.valid_acts(split, chunk_tokens=7)))
+        assert torch.equal(valid, ref[mask])
+        assert cache.n_valid(split) == valid.shape[0]
+    # rerunning is a no-op: nothing rebuilt
+    mtime = (out / "acts_train_0000.bin").stat().st_mtime_ns
+    build_cache(_profile(), out, progress=False, documents=DOCS, loaded=tiny_llama)
+    assert (out / "acts_train_0000.bin").stat().st_mtime_ns == mtime
+
+
+def test_iter_batches_deterministic_and_resumable(built):
+    _, cache = built
+    n = cache.n_valid("train")
+    nb = cache.num_batches("train", 16, epochs=2.5)
+    assert nb == int(2.5 * n) // 16
+    full = list(cache.iter_batches("train", 16, seed=3, epochs=2.5))
+    assert len(full) == nb and all(b.shape == (16, 64) and b.dtype == torch.float32 for b in full)
+    again = list(cache.iter_batches("train", 16, seed=3, epochs=2.5))
+    assert all(torch.equal(x, y) for x, y in zip(full, again))
+    resumed = list(cache.iter_batches("train", 16, seed=3, epochs=2.5, start_batch=5))
+    assert len(resumed) == nb - 5 and all(torch.equal(x, y) for x, y in zip(full[5:], resumed))
+    other = next(cache.iter_batches("train", 16, seed=4))
+    assert not torch.equal(other, full[0])
+    # one epoch visits every valid position exactly once
+    ep = torch.cat(list(cache.iter_batches("train", 16, seed=3, epochs=1.0, drop_last=False)))
+    ref = torch.cat(list(cache.valid_acts("train")))
+    assert ep.shape == ref.shape
+    assert torch.equal(ep[ep[:, 0].argsort()][:, 0], ref[ref[:, 0].argsort()][:, 0])
+
+
+def test_resume_rebuilds_partial_shard(built, tmp_path, tiny_llama):
+    out, _ = built
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in out.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    man = json.loads((copy / "manifest.json").read_text())
+    sh = man["splits"]["phi"]["shards"][0]
+    sh["sha256"] = sh["size"] = None  # as if killed while writing this shard
+    (copy / "manifest.json").write_text(json.dumps(man))
+    (copy / sh["file"]).write_bytes(b"partial")
+    cache = build_cache(_profile(), copy, progress=False, documents=DOCS, loaded=tiny_llama)
+    cache.verify()
+    assert (copy / sh["file"]).read_bytes() == (out / sh["file"]).read_bytes()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "alter"])
+def test_corrupted_shard_detected(built, tmp_path, damage):
+    out, _ = built
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in out.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    p = copy / "acts_calib_0000.bin"
+    data = bytearray(p.read_bytes())
+    p.write_bytes(bytes(data[:-10]) if damage == "truncate" else bytes(data[:100]) + bytes([data[100] ^ 1]) + bytes(data[101:]))
+    with pytest.raises(IntegrityError, match=r"acts_calib_0000\.bin.*run_all\.sh --profile tinytest"):
+        ActivationCache(copy).verify()
+
+
+def test_settings_mismatch_is_refused(built, tiny_llama):
+    out, _ = built
+    prof = _profile()
+    prof = dataclasses.replace(prof, model=dataclasses.replace(prof.model, layer=1))
+    with pytest.raises(IntegrityError, match="other settings \\(layer\\)"):
+        build_cache(prof, out, progress=False, documents=DOCS, loaded=tiny_llama)
+
+
+def test_registry_widths():
+    assert MODEL_REGISTRY["gpt2-large"].d_model == 1280 and MODEL_REGISTRY["gpt2-large"].n_layers == 36
+    assert MODEL_REGISTRY["gemma-2-9b"].d_model == 3584 and MODEL_REGISTRY["gemma-2-9b"].n_layers == 42
+    assert MODEL_REGISTRY["smollm2-135m"].d_model == 576
+    assert np.isfinite(MODEL_REGISTRY["smollm2-135m"].d_model)
