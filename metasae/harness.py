@@ -211,6 +211,9 @@ def run(plan: Plan) -> Path | None:
                 if not any("parameters" in c.metadata.get("tags", []) for c in notebook.cells):
                     raise HarnessError(f"notebook {nb.path.name} has no cell tagged parameters "
                                        "(# %% tags=[\"parameters\"]); see notebooks/README.md")
+                notebook.metadata["kernelspec"] = {"name": plan.kernel, "language": "python",
+                                                   "display_name": f"Python ({plan.kernel})"}
+                notebook.metadata.setdefault("language_info", {"name": "python"})
                 nbformat.write(notebook, src)
                 for seed in (plan.seeds if nb.per_seed else [None]):
                     _execute(plan, nb, seed, src, nb_out, seeds_text, papermill, nbformat)
@@ -246,6 +249,8 @@ def _execute(plan: Plan, nb: Notebook, seed: int | None, src: Path, nb_out: Path
     failure = ""
     try:
         papermill.execute_notebook(str(src), str(output), parameters=params, kernel_name=plan.kernel,
+                                   language="python",
+                                   extra_arguments=["--IPKernelApp.log_level=ERROR"],
                                    cwd=str(paths.REPO_ROOT), progress_bar=False, log_output=False)
     except Exception as exc:  # papermill's cell error, a dead kernel, a timeout, ...
         failure = _one_line(exc)

@@ -1,0 +1,348 @@
+"""The notebook harness (metasae.harness), the report helpers it relies on
+(metasae.report), and run_all.sh's handling of bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from metasae import report
+
+ROOT = Path(__file__).resolve().parent.parent
+
+TINY_PROFILE = """\
+name = "tiny"
+description = "harness test profile"
+seeds = [0]
+[model]
+name = "tiny-test"
+[data]
+corpus = "none"
+train_tokens = 4096
+calib_tokens = 16
+phi_tokens = 16
+autointerp_tokens = 16
+[sae]
+d_in = 8
+n_latents = 32
+k = 2
+[meta]
+n_latents = 4
+k = 1
+[synthetic]
+enabled = false
+"""
+
+PARAMS_AGGREGATE = """\
+# %% tags=["parameters"]
+profile = "tiny"
+seeds = "0"
+out_dir = "."
+figures_dir = "."
+"""
+
+PARAMS_PER_SEED = """\
+# metasae: per-seed
+# %% tags=["parameters"]
+profile = "tiny"
+seed = 0
+out_dir = "."
+figures_dir = "."
+"""
+
+GOOD = PARAMS_AGGREGATE + """
+# %%
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from metasae.report import save_figure, save_table
+
+fig, ax = plt.subplots()
+ax.plot([0, 1], [0, 1])
+save_figure(fig, "fig_good", figures_dir, caption="A straight line.")
+save_table([{"seeds": seeds, "value": 0.5}], "table_good", out_dir, caption="One row.")
+"""
+
+PER_SEED = PARAMS_PER_SEED + """
+# %%
+from metasae.report import save_table
+
+save_table([{"seed": seed}], f"table_seed{seed}", out_dir)
+"""
+
+BAD = PARAMS_AGGREGATE + """
+# %%
+raise ValueError("boom from the bad notebook")
+"""
+
+# A cell tagged raises-exception does not stop papermill; the harness must still fail.
+SILENT_ERROR = PARAMS_AGGREGATE + """
+# %% tags=["raises-exception"]
+1 / 0
+"""
+
+NO_PARAMETERS = """\
+# %%
+x = 1
+"""
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    env.pop("METASAE_OUT", None)
+    env.pop("METASAE_FIGURES", None)
+    env.update(extra)
+    return env
+
+
+def _harness(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "metasae.harness", *args], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> dict[str, Path]:
+    profile = tmp_path / "tiny.toml"
+    profile.write_text(TINY_PROFILE)
+    nbs = tmp_path / "notebooks"
+    nbs.mkdir()
+    return {"profile": profile, "notebooks": nbs, "out": tmp_path / "out", "figures": tmp_path / "figures"}
+
+
+def _args(t: dict[str, Path], *extra: str) -> list[str]:
+    return ["--profile", str(t["profile"]), "--notebooks", str(t["notebooks"]),
+            "--out", str(t["out"]), "--figures", str(t["figures"]), *extra]
+
+
+def _one_sentence_error(proc: subprocess.CompletedProcess[str]) -> str:
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------
+# Bad input: one sentence, non-zero exit, no traceback
+# ---------------------------------------------------------------------------
+
+
+def test_unknown_profile_python_cli() -> None:
+    msg = _one_sentence_error(_harness("--profile", "no-such-profile"))
+    assert "no-such-profile" in msg
+
+
+@pytest.mark.parametrize("seeds", ["0,x", "1,1", "", "-1", "0;1"])
+def test_malformed_seeds_python_cli(tiny: dict[str, Path], seeds: str) -> None:
+    (tiny["notebooks"] / "01_good.py").write_text(GOOD)
+    msg = _one_sentence_error(_harness(*_args(tiny, "--seeds", seeds)))
+    assert "--seeds" in msg
+
+
+def test_unwritable_output_folder(tiny: dict[str, Path], tmp_path: Path) -> None:
+    (tiny["notebooks"] / "01_good.py").write_text(GOOD)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    args = _args(tiny)
+    args[args.index("--out") + 1] = str(blocker / "out")
+    msg = _one_sentence_error(_harness(*args))
+    assert "output folder" in msg and str(blocker) in msg
+
+
+def test_unknown_option_and_unknown_notebook(tiny: dict[str, Path]) -> None:
+    (tiny["notebooks"] / "01_good.py").write_text(GOOD)
+    _one_sentence_error(_harness(*_args(tiny, "--bogus")))
+    msg = _one_sentence_error(_harness(*_args(tiny, "--only", "99_missing")))
+    assert "99_missing" in msg
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--profile", "no-such-profile"], "no-such-profile"),
+    (["--seeds", "0,,1"], "--seeds"),
+    (["--out", "/dev/null/out"], "output folder"),
+])
+def test_run_all_bad_input_fails_fast(argv: list[str], needle: str) -> None:
+    """run_all.sh validates before any setup, corpus or notebook work."""
+    proc = subprocess.run(["bash", str(ROOT / "run_all.sh"), *argv], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert needle in _one_sentence_error(proc)
+    assert "[setup]" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------
+# Running notebooks
+# ---------------------------------------------------------------------------
+
+
+def test_good_notebook_writes_results(tiny: dict[str, Path]) -> None:
+    (tiny["notebooks"] / "01_good.py").write_text(GOOD)
+    proc = _harness(*_args(tiny, "--seeds", "3,4"))
+    assert proc.returncode == 0, proc.stderr
+    out, figures = tiny["out"], tiny["figures"]
+    results = (out / "results.md").read_text()
+    for needle in ("fig_good", "table_good", "A straight line.", "tiny", "3,4", "git commit"):
+        assert needle in results
+    data = json.loads((out / "results.json").read_text())
+    assert data["seeds"] == [3, 4] and data["profile"] == "tiny"
+    kinds = {e["name"]: e for e in data["artifacts"]}
+    assert set(kinds) == {"fig_good", "table_good"}
+    assert kinds["fig_good"]["notebook"] == "01_good" and kinds["fig_good"]["seeds"] == [3, 4]
+    for e in data["artifacts"]:
+        for p in e["paths"]:
+            assert Path(p).is_file()
+    assert (figures / "fig_good.png").is_file() and (figures / "fig_good.pdf").is_file()
+    assert (out / "tables" / "table_good.csv").read_text().splitlines()[1] == "\"3,4\",0.5"
+    assert json.loads((out / "config.json").read_text())["seeds"] == [3, 4]
+    executed = json.loads((out / "notebooks" / "01_good.ipynb").read_text())
+    assert not [o for c in executed["cells"] for o in c.get("outputs", []) if o["output_type"] == "error"]
+
+
+def test_failing_notebook_fails_the_run(tiny: dict[str, Path]) -> None:
+    (tiny["notebooks"] / "01_good.py").write_text(GOOD)
+    (tiny["notebooks"] / "02_bad.py").write_text(BAD)
+    (tiny["notebooks"] / "03_never.py").write_text(GOOD.replace("fig_good", "fig_never"))
+    tiny["out"].mkdir(parents=True)
+    (tiny["out"] / "results.md").write_text("stale results from an older run\n")
+    proc = _harness(*_args(tiny))
+    assert proc.returncode == 1
+    msg = _one_sentence_error(proc)
+    assert "02_bad.py" in msg and "boom from the bad notebook" in msg
+    executed = tiny["out"] / "notebooks" / "02_bad.ipynb"
+    assert str(executed) in msg and executed.is_file()
+    assert not (tiny["out"] / "results.md").exists()
+    assert not (tiny["out"] / "results.json").exists()
+    assert not (tiny["out"] / "notebooks" / "03_never.ipynb").exists()
+
+
+def test_error_output_without_exception_fails(tiny: dict[str, Path]) -> None:
+    (tiny["notebooks"] / "01_silent.py").write_text(SILENT_ERROR)
+    proc = _harness(*_args(tiny))
+    msg = _one_sentence_error(proc)
+    assert "01_silent.py" in msg and "ZeroDivisionError" in msg
+    assert not (tiny["out"] / "results.md").exists()
+
+
+def test_notebook_without_parameters_cell_is_refused(tiny: dict[str, Path]) -> None:
+    (tiny["notebooks"] / "01_plain.py").write_text(NO_PARAMETERS)
+    msg = _one_sentence_error(_harness(*_args(tiny)))
+    assert "01_plain.py" in msg and "parameters" in msg
+
+
+def test_per_seed_notebook_runs_once_per_seed(tiny: dict[str, Path]) -> None:
+    (tiny["notebooks"] / "01_train.py").write_text(PER_SEED)
+    (tiny["notebooks"] / "02_good.py").write_text(GOOD)
+    proc = _harness(*_args(tiny, "--seeds", "0,1"))
+    assert proc.returncode == 0, proc.stderr
+    nb_dir = tiny["out"] / "notebooks"
+    assert sorted(p.name for p in nb_dir.glob("*.ipynb")) == [
+        "01_train.seed0.ipynb", "01_train.seed1.ipynb", "02_good.ipynb"]
+    data = json.loads((tiny["out"] / "results.json").read_text())
+    by_name = {e["name"]: e for e in data["artifacts"]}
+    assert by_name["table_seed0"]["seed"] == 0 and by_name["table_seed1"]["seed"] == 1
+    assert [(n["notebook"], n["seed"]) for n in data["notebooks"]] == [
+        ("01_train.py", 0), ("01_train.py", 1), ("02_good.py", None)]
+    results = (tiny["out"] / "results.md").read_text()
+    assert "table_seed0" in results and "table_seed1" in results
+
+
+def test_only_runs_one_notebook_and_writes_no_results(tiny: dict[str, Path]) -> None:
+    (tiny["notebooks"] / "01_good.py").write_text(GOOD)
+    (tiny["notebooks"] / "02_bad.py").write_text(BAD)
+    proc = _harness(*_args(tiny, "--only", "01_good"))
+    assert proc.returncode == 0, proc.stderr
+    assert (tiny["out"] / "notebooks" / "01_good.ipynb").is_file()
+    assert not (tiny["out"] / "notebooks" / "02_bad.ipynb").exists()
+    assert not (tiny["out"] / "results.md").exists()
+
+
+def test_discover_marker_and_order(tmp_path: Path) -> None:
+    from metasae.harness import discover
+
+    (tmp_path / "02_b.py").write_text(PARAMS_AGGREGATE)
+    (tmp_path / "01_a.py").write_text(PARAMS_PER_SEED)
+    (tmp_path / "_helper.py").write_text("x = 1\n")
+    (tmp_path / "03_c.py").write_text(PARAMS_AGGREGATE + "\n# metasae: per-seed\n" + "\n" * 40)
+    found = discover(tmp_path)
+    assert [(n.name, n.per_seed) for n in found] == [("01_a", True), ("02_b", False), ("03_c", True)]
+    (tmp_path / "04_d.py").write_text("\n" * 40 + "# metasae: per-seed\n")
+    assert discover(tmp_path)[-1].per_seed is False
+
+
+# ---------------------------------------------------------------------------
+# metasae.report
+# ---------------------------------------------------------------------------
+
+
+def test_save_table_list_of_dicts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in (report.INDEX_ENV, report.NOTEBOOK_ENV, report.SEED_ENV, report.SEEDS_ENV):
+        monkeypatch.delenv(var, raising=False)
+    rows = [{"config": "l0.1|s1", "dphi": -0.0751234567, "dead": 0}, {"config": "solo", "dphi": None, "extra": True}]
+    csv_path, md_path = report.save_table(rows, "t1", tmp_path, caption="Table 1.")
+    assert csv_path == tmp_path / "tables" / "t1.csv"
+    assert csv_path.read_text().splitlines() == [
+        "config,dphi,dead,extra", "l0.1|s1,-0.0751234567,0,", "solo,,,True"]
+    md = md_path.read_text().splitlines()
+    assert md[0] == "Table 1."
+    assert md[2] == "| config | dphi | dead | extra |"
+    assert md[4] == "| l0.1\\|s1 | -0.07512 | 0 |  |"
+    entries = report.read_index(tmp_path / "artifacts.jsonl")
+    assert [(e["kind"], e["name"], e["caption"]) for e in entries] == [("table", "t1", "Table 1.")]
+
+
+def test_save_table_rows_with_columns_and_dataframe(tmp_path: Path) -> None:
+    report.save_table([[1, 2.5], [3, 4.0]], "t2", tmp_path, columns=["a", "b"], index=tmp_path / "i.jsonl")
+    assert (tmp_path / "tables" / "t2.csv").read_text() == "a,b\n1,2.5\n3,4.0\n"
+    with pytest.raises(ValueError):
+        report.save_table([[1, 2]], "t3", tmp_path)
+    with pytest.raises(ValueError):
+        report.save_table([{"a": 1}], "../escape", tmp_path)
+    pd = pytest.importorskip("pandas")
+    df = pd.DataFrame({"x": [1, 2], "y": [0.25, 0.5]})
+    report.save_table(df, "t4", tmp_path, index=tmp_path / "i.jsonl")
+    assert (tmp_path / "tables" / "t4.csv").read_text() == "x,y\n1,0.25\n2,0.5\n"
+    report.save_table(df.set_index("x"), "t5", tmp_path, index=tmp_path / "i.jsonl")
+    assert (tmp_path / "tables" / "t5.csv").read_text().splitlines()[0] == "x,y"
+
+
+def test_save_figure_and_index_under_harness_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    index = tmp_path / "out" / "artifacts.jsonl"
+    monkeypatch.setenv(report.INDEX_ENV, str(index))
+    monkeypatch.setenv(report.NOTEBOOK_ENV, "05_fig")
+    monkeypatch.setenv(report.SEED_ENV, "2")
+    monkeypatch.setenv(report.SEEDS_ENV, "1,2")
+    fig, ax = plt.subplots()
+    ax.plot([1, 2, 3])
+    png, pdf = report.save_figure(fig, "fig1a", tmp_path / "figs", caption="Density.")
+    first = png.read_bytes()
+    report.save_figure(fig, "fig1a", tmp_path / "figs", caption="Density, again.")
+    plt.close(fig)
+    assert png.read_bytes() == first, "re-saving the same figure must give the same PNG"
+    assert pdf.read_bytes().startswith(b"%PDF")
+    assert not list((tmp_path / "figs").glob(".*tmp"))
+    entries = report.read_index(index)
+    assert len(entries) == 1
+    e = entries[0]
+    assert (e["kind"], e["notebook"], e["seed"], e["seeds"], e["caption"]) == (
+        "figure", "05_fig", 2, [1, 2], "Density, again.")
+    assert e["paths"] == [str(png.resolve()), str(pdf.resolve())]
+
+
+def test_readme_documents_the_conventions_the_harness_uses() -> None:
+    from metasae.harness import PER_SEED_MARKER
+
+    text = (ROOT / "notebooks" / "README.md").read_text()
+    assert PER_SEED_MARKER in text
+    assert '# %% tags=["parameters"]' in text
+    for name in ("profile", "seed", "seeds", "out_dir", "figures_dir", "save_figure", "save_table"):
+        assert f"`{name}" in text

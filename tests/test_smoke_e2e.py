@@ -1,0 +1,57 @@
+"""The smoke profile end to end: bash run_all.sh through papermill, every notebook."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ROOT / "profiles" / "smoke.toml"
+NOTEBOOKS = sorted(p for p in (ROOT / "notebooks").glob("*.py") if not p.name.startswith(("_", ".")))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SMOKE.is_file(), reason="profiles/smoke.toml does not exist yet")
+@pytest.mark.skipif(not NOTEBOOKS, reason="notebooks/ holds no notebook yet")
+def test_smoke_profile_end_to_end(tmp_path: Path) -> None:
+    out, figures = tmp_path / "out", tmp_path / "figures"
+    env = dict(os.environ, METASAE_FIGURES=str(figures))
+    env.pop("METASAE_OUT", None)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "run_all.sh"), "--profile", "smoke", "--seeds", "0,1", "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0, f"run_all.sh failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    assert "Traceback" not in proc.stderr
+
+    results_md = (out / "results.md").read_text()
+    results = json.loads((out / "results.json").read_text())
+    assert results["profile"] == "smoke" and results["seeds"] == [0, 1]
+    assert json.loads((out / "config.json").read_text())["seeds"] == [0, 1]
+    assert results["artifacts"], "results.json lists no table or figure"
+
+    # Every listed artefact is in results.md and exists; figures went to METASAE_FIGURES.
+    for e in results["artifacts"]:
+        assert e["name"] in results_md
+        for p in e["paths"]:
+            assert Path(p).is_file(), f"{e['name']}: {p} is listed but missing"
+        if e["kind"] == "figure":
+            assert {Path(p).suffix for p in e["paths"]} == {".png", ".pdf"}
+            assert all(Path(p).parent == figures for p in e["paths"])
+        else:
+            assert {Path(p).suffix for p in e["paths"]} == {".csv", ".md"}
+            assert all(Path(p).parent == out / "tables" for p in e["paths"])
+    for link in re.findall(r"\]\(([^)]+)\)", results_md):
+        assert (out / link).is_file(), f"results.md links to a missing file: {link}"
+
+    # Every notebook ran (per-seed ones once per seed) without an error output.
+    ran = {n["notebook"] for n in results["notebooks"]}
+    assert ran == {p.name for p in NOTEBOOKS}
+    for n in results["notebooks"]:
+        nb = json.loads(Path(n["executed"]).read_text())
+        errors = [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
+        assert not errors, f"{n['executed']} holds an error output: {errors[0].get('ename')}"
