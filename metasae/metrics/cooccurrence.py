@@ -198,11 +198,14 @@ class CoFiringCounts:
         F = chunk.to_csr()
         left = F if (self.lo, self.hi) == (0, self.n) else F[:, self.lo:self.hi]
         G = (left.T.tocsr() @ F).tocsr()
-        r = np.repeat(np.arange(self.lo, self.hi, dtype=np.int64), np.diff(G.indptr))
-        c = G.indices.astype(np.int64)
-        keep = c > r
-        r, c, d = r[keep], c[keep], G.data[keep].astype(np.int32)
-        key = _row_offset(r, self.n) - self._base + (c - r - 1)
+        rows = np.arange(self.lo, self.hi, dtype=np.int64)
+        r = np.repeat(rows.astype(np.int32), np.diff(G.indptr))
+        c = G.indices
+        keep = c > r  # upper triangle only
+        # packed position of (i, j), j > i: offset(i) - base + j - i - 1
+        row_key = _row_offset(rows, self.n) - self._base - rows - 1
+        key = row_key[r[keep] - self.lo] + c[keep]
+        d = np.ascontiguousarray(G.data[keep], dtype=np.int32)
         torch.from_numpy(self.N11_packed).index_add_(0, torch.from_numpy(key), torch.from_numpy(d))
 
     def update_many(self, chunks: Iterable[FiringChunk], max_tokens: int | None = None) -> "CoFiringCounts":
