@@ -1,0 +1,188 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 6. Across seeds: error bars, tests across seeds, baselines and ablations
+#
+# What the paper could not show with one run per cell (SPEC §5): every headline
+# number as a mean over seeds with its standard error (n shown); the joint-vs-solo
+# comparison as a t-test paired by seed (the seed, not the latent pair, is the unit
+# of replication); independent solos (run-to-run |φ| variation); the λ₂ = 0 control;
+# the meta-size ablation; an orthogonality-penalty baseline at matched
+# reconstruction cost; convergence curves; autointerp across seeds.
+
+# %% tags=["parameters"]
+profile = "smoke"
+seeds = "0"
+out_dir = ""
+figures_dir = ""
+
+# %%
+import json
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from metasae import paths, pipeline
+from metasae.aggregate import aggregate_rows, matched_reconstruction, paired_by_seed
+from metasae.report import save_figure, save_table
+
+ctx = pipeline.open_run(profile, out_dir, figures_dir, seeds)
+seed_list = ctx.profile.seeds
+selected = pipeline.selected_config(ctx, seed_list[0])
+by_seed = {s: pipeline.grid_rows(ctx, pipeline.evaluate_seed(ctx, s, progress=False)) for s in seed_list}
+metrics = ["mean_abs_phi", "delta_abs_phi_pct", "mse", "delta_l2_pct", "delta_ce_pct", "l0", "dead"]
+agg = pd.DataFrame(aggregate_rows(by_seed, "run", metrics, carry=["role", "lambda2", "sigma2", "meta_latents",
+                                                                  "ortho_coef"]))
+print(f"seeds: {seed_list}; selected configuration: {selected}")
+
+# %% [markdown]
+# ## Table 1 over seeds (mean ± SE)
+
+# %%
+def pm(m, s, digits=2):
+    return f"{m:.{digits}f} ± {s:.{digits}f}" if np.isfinite(s) else f"{m:.{digits}f}"
+
+t1 = agg[agg.role.isin(["solo", "grid", "control"])].sort_values(["lambda2", "sigma2"])
+table = [{"run": r.run, "lambda2": r.lambda2, "sigma2": r.sigma2,
+          "delta_abs_phi_pct": pm(r.delta_abs_phi_pct_mean, r.delta_abs_phi_pct_se),
+          "delta_l2_pct": pm(r.delta_l2_pct_mean, r.delta_l2_pct_se),
+          "delta_ce_pct": pm(r.delta_ce_pct_mean, r.delta_ce_pct_se),
+          "mean_abs_phi": pm(r.mean_abs_phi_mean, r.mean_abs_phi_se, 5), "n_seeds": r.n_seeds}
+         for r in t1.itertuples()]
+save_table(table, "table1_grid_seeds", ctx.out,
+           caption=f"Table 1 over seeds {seed_list}: mean ± standard error (n = n_seeds); Delta vs the solo SAE of "
+                   f"the same seed; Delta CE % = CE overhead as % of clean CE. Selected: {selected}")
+pd.DataFrame(table)
+
+# %% [markdown]
+# ## Tests across seeds (paired by seed) next to the paper's Welch test over pairs
+
+# %%
+tests = []
+for a in [selected, "joint_l0", "solo_indep1"]:
+    if a not in agg.run.values:
+        continue
+    for m in ["mean_abs_phi", "mse", "delta_ce_pct"]:
+        r = paired_by_seed(by_seed, a, "solo", m)
+        tests.append({"comparison": f"{a} vs solo", "metric": m, "n_seeds": r["n"], "mean_diff": r["mean_diff"],
+                      "se_diff": r["se_diff"], "t": r["t"], "p": r["p"]})
+save_table(tests, "tests_across_seeds", ctx.out,
+           caption="Paired t-tests across seeds (scipy ttest_rel): the seed is the unit of replication")
+pd.DataFrame(tests)
+
+# %% [markdown]
+# ## Figure: Δ|φ| and ΔL2 per configuration with seed error bars (Figure 1b over seeds)
+
+# %%
+g = agg[agg.role.isin(["grid", "control", "meta_size", "ortho", "independent_solo"])]
+fig, ax = plt.subplots(figsize=(6.5, 4.5))
+markers = {"grid": "o", "control": "x", "meta_size": "s", "ortho": "^", "independent_solo": "D"}
+for role, gg in g.groupby("role"):
+    ax.errorbar(gg.delta_l2_pct_mean, gg.delta_abs_phi_pct_mean,
+                xerr=gg.delta_l2_pct_se.fillna(0), yerr=gg.delta_abs_phi_pct_se.fillna(0),
+                fmt=markers.get(role, "o"), label=role, capsize=2, ms=5)
+    for r in gg.itertuples():
+        ax.annotate(r.run.replace("joint_", ""), (r.delta_l2_pct_mean, r.delta_abs_phi_pct_mean), fontsize=6,
+                    xytext=(3, 2), textcoords="offset points")
+ax.axhline(0, color="k", lw=0.5)
+ax.axvline(0, color="k", lw=0.5)
+ax.set_xlabel("Δ L2 (%) vs solo, mean ± SE")
+ax.set_ylabel("Δ mean |φ| (%) vs solo, mean ± SE")
+ax.set_title(f"All SAEs over seeds (n = {len(seed_list)})")
+ax.legend(fontsize=7)
+save_figure(fig, "fig1b_seeds_all_saes", ctx.figures,
+            caption=f"Delta mean|phi| vs Delta L2 with seed error bars: grid, lambda2=0 control, meta-size ablation, "
+                    f"orthogonality baseline, independent solo (n = {len(seed_list)} seeds)")
+
+# %% [markdown]
+# ## Baselines and ablations
+# * **independent solo**: how far |φ| moves between two solos that differ only in init seed;
+# * **orthogonality baseline** (OrtSAE-style) at the reconstruction cost closest to the selected configuration;
+# * **meta size**: the selected (λ₂, σ²) with other meta dictionary sizes m.
+
+# %%
+sel_row = agg[agg.run == selected].iloc[0]
+rows_flat = [dict(r) for _, r in agg.iterrows()]
+orth = matched_reconstruction(rows_flat, sel_row.delta_l2_pct_mean, "ortho", metric="delta_l2_pct_mean")
+base = [{"baseline": "selected joint", "run": selected, "delta_abs_phi_pct": sel_row.delta_abs_phi_pct_mean,
+         "se": sel_row.delta_abs_phi_pct_se, "delta_l2_pct": sel_row.delta_l2_pct_mean}]
+if orth is not None:
+    base.append({"baseline": "orthogonality at matched L2", "run": orth["run"],
+                 "delta_abs_phi_pct": orth["delta_abs_phi_pct_mean"], "se": orth["delta_abs_phi_pct_se"],
+                 "delta_l2_pct": orth["delta_l2_pct_mean"]})
+for r in agg[agg.role.isin(["independent_solo", "control"])].itertuples():
+    base.append({"baseline": r.role, "run": r.run, "delta_abs_phi_pct": r.delta_abs_phi_pct_mean,
+                 "se": r.delta_abs_phi_pct_se, "delta_l2_pct": r.delta_l2_pct_mean})
+save_table(base, "baselines", ctx.out,
+           caption="Selected joint SAE vs baselines (mean over seeds, se): independent solo = seed noise; "
+                   "lambda2=0 control; OrtSAE-style penalty at the closest reconstruction cost")
+ms = agg[(agg.role == "meta_size") | (agg.run == selected)].sort_values("meta_latents")
+save_table(ms[["run", "meta_latents", "delta_abs_phi_pct_mean", "delta_abs_phi_pct_se", "delta_l2_pct_mean",
+               "delta_l2_pct_se", "n_seeds"]], "meta_size_ablation", ctx.out,
+           caption=f"Meta-size ablation at lambda2={ctx.profile.grid.ablation_lambda2}, "
+                   f"sigma2={ctx.profile.grid.ablation_sigma2} (selected: {selected})")
+pd.DataFrame(base)
+
+# %% [markdown]
+# ## Convergence curves over seeds
+
+# %%
+hist = []
+for s in seed_list:
+    tr = pipeline.train_seed(ctx, s, progress=False)
+    for row in pipeline.history_rows({k: v for k, v in tr.items() if k in ("solo", selected)}):
+        hist.append({**row, "seed": s})
+hist = pd.DataFrame(hist)
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+for nm, gg in hist.groupby("run"):
+    st = gg.groupby("tokens").agg(mse=("mse", "mean"), se=("mse", "sem"), pen=("penalty", "mean"))
+    axes[0].plot(st.index, st.mse, label=nm)
+    axes[0].fill_between(st.index, st.mse - st.se.fillna(0), st.mse + st.se.fillna(0), alpha=0.3)
+    if st.pen.notna().any():
+        axes[1].plot(st.index, st.pen, label=nm)
+axes[0].set_yscale("log")
+axes[0].set_title("MSE vs training tokens (mean ± SE over seeds)")
+axes[1].set_title("mean penalty vs training tokens")
+for ax in axes:
+    ax.set_xlabel("training tokens")
+    ax.legend(fontsize=7)
+fig.tight_layout()
+save_figure(fig, "convergence_seeds", ctx.figures,
+            caption=f"Convergence curves over seeds {seed_list}: solo and {selected}")
+
+# %% [markdown]
+# ## Autointerp across seeds
+
+# %%
+ai = []
+for s in seed_list:
+    p = paths.seed_dir(ctx.out, s) / "autointerp" / "summary.json"
+    if p.is_file():
+        summ = json.loads(p.read_text())["summary"]
+        for scorer, v in summ.items():
+            ai.append({"seed": s, "scorer": scorer, **{k: v.get(k) for k in
+                       ("mean_joint", "mean_solo", "delta", "n_pairs", "mean_random_joint", "mean_random_solo")}})
+ai = pd.DataFrame(ai)
+if len(ai):
+    ai_rows = []
+    for scorer, gg in ai.groupby("scorer"):
+        d = gg.delta.astype(float)
+        ai_rows.append({"scorer": scorer, "n_seeds": len(gg), "pairs_per_seed": int(gg.n_pairs.mean()),
+                        "mean_joint": gg.mean_joint.astype(float).mean(), "mean_solo": gg.mean_solo.astype(float).mean(),
+                        "delta_mean": d.mean(), "delta_se": d.sem() if len(d) > 1 else float("nan"),
+                        "random_explanation_mean": gg.mean_random_joint.astype(float).mean()})
+    save_table(ai_rows, "autointerp_seeds", ctx.out,
+               caption="Autointerp over seeds: per-seed mean scores on matched pairs, the joint - solo difference "
+                       "(mean ± SE over seeds), and the random-explanation mean (chance check)")
+    display(pd.DataFrame(ai_rows))
