@@ -146,25 +146,25 @@ class FanOutTrainer:
     def _commit(self, states: list[RunState], step: int, n_steps: int, complete: bool) -> None:
         if self.ckpt_root is None:
             return
-        prev = read_trainer(self.ckpt_root)
         for st in states:
             write_run_step(self.ckpt_root / st.spec.name, step, st.spec, st.primary, st.opt, st.meta, st.meta_opt,
                            st.generator, st.history, {"last_meta_mse": st.last_meta_mse,
                                                       "tokens": step * self.train_cfg.batch_size})
+        if complete:  # exported before the final commit: a completed trainer.json implies complete exports
+            for st in states:
+                export_saelens(st.primary, self.ckpt_root / st.spec.name / "saelens",
+                               metadata={"run": st.spec.name, "seed": st.spec.seed})
         atomic_write_json(self.ckpt_root / TRAINER_FILE, {
             "step": step, "n_steps": n_steps, "complete": complete, "fingerprint": self.fingerprint(n_steps),
             "runs": [s.spec.name for s in states], "batch_size": self.train_cfg.batch_size,
             "tokens": step * self.train_cfg.batch_size,
         })
-        # only now is the previous step folder garbage
-        if prev is not None and prev.get("step") != step:
-            for st in states:
-                old = self.ckpt_root / st.spec.name / step_dirname(prev["step"])
-                shutil.rmtree(old, ignore_errors=True)
-        if complete:
-            for st in states:
-                export_saelens(st.primary, self.ckpt_root / st.spec.name / "saelens",
-                               metadata={"run": st.spec.name, "seed": st.spec.seed})
+        # only now are other step folders garbage (also those a kill left between a commit and this cleanup)
+        keep = step_dirname(step)
+        for st in states:
+            for old in (self.ckpt_root / st.spec.name).glob("step*"):
+                if old.name != keep:
+                    shutil.rmtree(old, ignore_errors=True)
 
     # -- the loop -----------------------------------------------------------
     def train(self, batches: BatchSource, n_steps: int) -> list[RunState]:
