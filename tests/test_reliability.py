@@ -1,0 +1,344 @@
+"""Reliability: kill -9 and resume, checkpoint integrity, configuration drift, non-finite data.
+
+The resume test runs a real training subprocess (a small driver written into
+the test's tmp folder), kills it with SIGKILL at chosen points, reruns the same
+command and compares the final weights bitwise with an uninterrupted run.  The
+kill points are deterministic: the driver announces ``PAUSED`` on stdout and
+sleeps at the requested point (a batch request, a run's step-folder write, the
+atomic ``trainer.json`` commit), and the test kills it there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from metasae.checkpoint import STATE_FILE, load_trained_run, step_dirname
+from metasae.config import ConfigError, MetaConfig, RunSpec, SAEConfig, TrainConfig
+from metasae.io import IntegrityError
+from metasae.trainer import FanOutTrainer, TrainingError
+
+N_STEPS = 15
+D, B = 16, 32
+RUN_NAMES = ["solo", "joint_l0.3_s1", "joint_l0", "ortho_c0.1"]
+
+DRIVER = textwrap.dedent(
+    """
+    import os, sys, time
+    from pathlib import Path
+
+    import torch
+
+    import metasae.trainer as T
+    from metasae.config import MetaConfig, RunSpec, SAEConfig, TrainConfig
+
+    N_STEPS, D, B = {n_steps}, {d}, {b}
+    pause = os.environ.get("PAUSE_AT", "")
+
+
+    def hold(tag):
+        if pause == tag:
+            print("PAUSED " + tag, flush=True)
+            time.sleep(600)
+
+
+    def batches(start):
+        # batch i is a function of (seed, i) only: a resumed run sees the same data order
+        for i in range(start, N_STEPS):
+            hold(f"batch:{{i}}")
+            g = torch.Generator().manual_seed(12345 + i)
+            scale = torch.linspace(0.5, 3.0, D)
+            yield torch.randn(B, D, generator=g) * scale + 0.1 * i
+
+
+    orig_write = T.write_run_step
+
+
+    def write_run_step(run_dir, step, spec, *args, **kwargs):
+        hold(f"write:{{step}}:{{spec.name}}")
+        return orig_write(run_dir, step, spec, *args, **kwargs)
+
+
+    orig_json = T.atomic_write_json
+
+
+    def atomic_write_json(path, obj):
+        orig_json(path, obj)
+        if Path(path).name == T.TRAINER_FILE:
+            hold(f"trainer:{{obj['step']}}")
+
+
+    orig_export = T.export_saelens
+
+
+    def export_saelens(sae, folder, *args, **kwargs):
+        hold(f"export:{{Path(folder).parent.name}}")
+        return orig_export(sae, folder, *args, **kwargs)
+
+
+    T.write_run_step = write_run_step
+    T.export_saelens = export_saelens
+    T.atomic_write_json = atomic_write_json
+
+    sae = SAEConfig(d_in=D, n_latents=64, k=4, aux_k=8, dead_after_tokens=64)
+    meta = MetaConfig(n_latents=8, k=2, n_primary_steps=2, n_meta_steps=2)
+    train = TrainConfig(batch_size=B, checkpoint_every_steps=3, eval_every_steps=2, threads=1)
+    runs = [
+        RunSpec("solo", "solo", seed=3),
+        RunSpec("joint_l0.3_s1", "joint", seed=3, lambda2=0.3, sigma2=1.0),
+        RunSpec("joint_l0", "joint", seed=3, lambda2=0.0, sigma2=1.0),
+        RunSpec("ortho_c0.1", "ortho", seed=3, ortho_coef=0.1),
+    ]
+    T.FanOutTrainer(sae, meta, train, runs, ckpt_root=sys.argv[1], progress=False).train(batches, N_STEPS)
+    print("DONE", flush=True)
+    """
+).format(n_steps=N_STEPS, d=D, b=B)
+
+
+def _start_driver(driver: Path, ckpt: Path, pause: str = "") -> subprocess.Popen:
+    env = {**os.environ, "PAUSE_AT": pause, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, str(driver), str(ckpt)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _finish(proc: subprocess.Popen) -> None:
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "DONE" in out
+
+
+def _kill_at(driver: Path, ckpt: Path, pause: str) -> None:
+    """Run the driver until it reports `pause`, then SIGKILL it."""
+    proc = _start_driver(driver, ckpt, pause)
+    line = proc.stdout.readline()  # blocks until the driver pauses (or dies)
+    if not line.startswith("PAUSED"):
+        proc.kill()
+        _, err = proc.communicate()
+        raise AssertionError(f"driver never reached {pause!r}: {line!r}\n{err}")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+
+
+def _committed(ckpt: Path) -> dict | None:
+    p = ckpt / "trainer.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def _final_files(ckpt: Path) -> dict[str, bytes]:
+    files = {}
+    for name in RUN_NAMES:
+        final = ckpt / name / step_dirname(N_STEPS)
+        for fname in ("sae.safetensors", "meta.safetensors", STATE_FILE):
+            if (final / fname).is_file():
+                files[f"{name}/{fname}"] = (final / fname).read_bytes()
+        for fname in ("sae_weights.safetensors", "cfg.json"):
+            files[f"{name}/saelens/{fname}"] = (ckpt / name / "saelens" / fname).read_bytes()
+    return files
+
+
+def test_kill9_at_several_points_then_resume_is_bitwise_identical(tmp_path):
+    driver = tmp_path / "train_driver.py"
+    driver.write_text(DRIVER)
+    ref_ckpt, ckpt = tmp_path / "reference", tmp_path / "resumed"
+    reference_proc = _start_driver(driver, ref_ckpt)  # the uninterrupted run, alongside
+
+    # inside the first commit (three runs' step folders written): nothing committed yet
+    _kill_at(driver, ckpt, "write:3:ortho_c0.1")
+    assert _committed(ckpt) is None
+    # steps 0..4 done, last commit at 3
+    _kill_at(driver, ckpt, "batch:5")
+    assert _committed(ckpt)["step"] == 3
+    # steps 0..8 done, inside the commit of step 9: the first run's folder is written, the others not
+    _kill_at(driver, ckpt, "write:9:joint_l0.3_s1")
+    assert _committed(ckpt)["step"] == 6
+    # right after the commit of step 12, before the older step folders are removed
+    _kill_at(driver, ckpt, "trainer:12")
+    assert _committed(ckpt)["step"] == 12
+    # inside the final SAELens export: the run must not count as complete
+    _kill_at(driver, ckpt, "export:joint_l0")
+    assert not _committed(ckpt)["complete"]
+    # the same command, to completion; then once more (a completed run is only reloaded)
+    _finish(_start_driver(driver, ckpt))
+    _finish(reference_proc)
+    reference = _final_files(ref_ckpt)
+    assert sum(k.endswith("/meta.safetensors") for k in reference) == 2  # both joint runs carry a meta SAE
+
+    resumed = _final_files(ckpt)
+    assert resumed.keys() == reference.keys()
+    for key in reference:
+        assert resumed[key] == reference[key], f"{key} differs from the uninterrupted run"
+    # nothing stale left that could be mistaken for a result
+    for name in RUN_NAMES:
+        steps = sorted(p.name for p in (ckpt / name).iterdir() if p.name.startswith("step"))
+        assert steps == [step_dirname(N_STEPS)], f"{name} keeps stale step folders {steps}"
+    assert _committed(ckpt)["complete"] and _committed(ckpt)["step"] == N_STEPS
+    # a finished run loads through the public API with verified checksums
+    run = load_trained_run(ckpt, "joint_l0.3_s1")
+    assert run.meta is not None and run.history
+
+
+# ---------------------------------------------------------------------------
+# In-process checks on a tiny fan-out
+# ---------------------------------------------------------------------------
+
+SAE = SAEConfig(d_in=8, n_latents=32, k=2, aux_k=4, dead_after_tokens=32)
+META = MetaConfig(n_latents=4, k=1, n_primary_steps=2, n_meta_steps=1)
+TRAIN = TrainConfig(batch_size=16, checkpoint_every_steps=2, eval_every_steps=2, threads=1, autocast="none")
+RUNS = [RunSpec("solo", "solo", seed=1), RunSpec("joint", "joint", seed=1, lambda2=0.3, sigma2=1.0)]
+
+
+def _batches(n_steps: int, nan_at: int | None = None, inf_at: int | None = None):
+    def source(start: int):
+        for i in range(start, n_steps):
+            x = torch.randn(TRAIN.batch_size, SAE.d_in, generator=torch.Generator().manual_seed(i))
+            if i == nan_at:
+                x[3, 2] = float("nan")
+            if i == inf_at:
+                x[0, 0] = float("inf")
+            yield x
+    return source
+
+
+def _train(ckpt: Path, n_steps: int = 4, runs=RUNS, sae=SAE, **kw):
+    return FanOutTrainer(sae, META, TRAIN, runs, ckpt_root=ckpt, progress=False).train(_batches(n_steps, **kw), n_steps)
+
+
+@pytest.fixture
+def trained(tmp_path) -> Path:
+    ckpt = tmp_path / "ckpt"
+    _train(ckpt)
+    return ckpt
+
+
+@pytest.mark.parametrize("fname", ["sae.safetensors", "meta.safetensors", "state.safetensors", "cfg.json"])
+@pytest.mark.parametrize("damage", ["truncate", "alter"])
+def test_damaged_checkpoint_file_is_named_with_rebuild_command(trained, fname, damage):
+    target = trained / "joint" / step_dirname(4) / fname
+    data = bytearray(target.read_bytes())
+    if damage == "truncate":
+        target.write_bytes(bytes(data[: len(data) // 2]))
+    else:  # same size, one byte flipped
+        data[len(data) - 3] ^= 0x01
+        target.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError) as exc:
+        load_trained_run(trained, "joint", rebuild_hint="python -m metasae.pipeline train --profile smoke")
+    msg = str(exc.value)
+    assert str(target) in msg
+    assert "python -m metasae.pipeline train --profile smoke" in msg
+    # resuming from a damaged commit refuses too (it names the file and how to rebuild)
+    with pytest.raises(IntegrityError) as exc:
+        _train(trained, n_steps=4)
+    assert str(target) in str(exc.value) and "rerun" in str(exc.value)
+
+
+def test_damaged_intermediate_checkpoint_stops_the_resume(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(TrainingError):
+        _train(ckpt, n_steps=6, nan_at=3)  # dies after the commit of step 2
+    target = ckpt / "solo" / step_dirname(2) / "sae.safetensors"
+    target.write_bytes(target.read_bytes()[:-10])
+    with pytest.raises(IntegrityError) as exc:
+        _train(ckpt, n_steps=6)
+    assert str(target) in str(exc.value)
+
+
+def test_missing_checksums_means_incomplete(trained):
+    (trained / "solo" / step_dirname(4) / "checksums.json").unlink()
+    with pytest.raises(IntegrityError, match="incomplete"):
+        load_trained_run(trained, "solo")
+
+
+@pytest.mark.parametrize("change", ["sae_k", "run_lambda2", "extra_run", "n_steps", "batch_size"])
+def test_changed_configuration_on_same_folder_is_refused_and_nothing_deleted(trained, change):
+    before = sorted((p.relative_to(trained), p.stat().st_size, p.stat().st_mtime_ns)
+                    for p in trained.rglob("*") if p.is_file())
+    sae, runs, n_steps, train = SAE, RUNS, 4, TRAIN
+    if change == "sae_k":
+        sae = SAEConfig(**{**SAE.__dict__, "k": 3})
+    elif change == "run_lambda2":
+        runs = [RUNS[0], RunSpec("joint", "joint", seed=1, lambda2=1.0, sigma2=1.0)]
+    elif change == "extra_run":
+        runs = RUNS + [RunSpec("ortho", "ortho", seed=1, ortho_coef=0.1)]
+    elif change == "n_steps":
+        n_steps = 6
+    else:
+        train = TrainConfig(**{**TRAIN.__dict__, "batch_size": 8})
+    with pytest.raises(ConfigError) as exc:
+        FanOutTrainer(sae, META, train, runs, ckpt_root=trained, progress=False).train(_batches(n_steps), n_steps)
+    msg = str(exc.value)
+    assert str(trained) in msg and "different configuration" in msg
+    after = sorted((p.relative_to(trained), p.stat().st_size, p.stat().st_mtime_ns)
+                   for p in trained.rglob("*") if p.is_file())
+    assert after == before
+
+
+@pytest.mark.parametrize("where", ["nan", "inf"])
+def test_non_finite_batch_stops_with_stage_and_step(tmp_path, where):
+    kw = {"nan_at": 3} if where == "nan" else {"inf_at": 3}
+    with pytest.raises(TrainingError) as exc:
+        _train(tmp_path / "ckpt", n_steps=6, **kw)
+    msg = str(exc.value)
+    assert "step 3" in msg and "training" in msg and "non-finite" in msg
+    # the last commit (step 2) is intact and the failure left no later step folder behind
+    tr = json.loads((tmp_path / "ckpt" / "trainer.json").read_text())
+    assert tr["step"] == 2 and not tr["complete"]
+    assert not (tmp_path / "ckpt" / "solo" / step_dirname(4)).exists()
+
+
+def test_non_finite_primary_loss_names_run_stage_and_step(tmp_path, monkeypatch):
+    import metasae.trainer as T
+
+    real = T.decomposability_penalty
+    calls = {"n": 0}
+
+    def poisoned(W, W_hat, sigma2):
+        calls["n"] += 1
+        pen, p = real(W, W_hat, sigma2)
+        return (pen * float("nan"), p) if calls["n"] == 3 else (pen, p)
+
+    monkeypatch.setattr(T, "decomposability_penalty", poisoned)
+    with pytest.raises(TrainingError) as exc:
+        _train(None, n_steps=6)
+    msg = str(exc.value)
+    assert "run joint" in msg and "step 2" in msg and "stage: training" in msg
+
+
+def test_non_finite_meta_loss_names_run_stage_and_step(monkeypatch):
+    from metasae.sae import BatchTopKSAE
+
+    real = BatchTopKSAE.forward_train
+
+    def poisoned(self, x, *a, **kw):
+        out = real(self, x, *a, **kw)
+        if self.cfg.n_latents == META.n_latents:  # the meta SAE
+            return out._replace(loss=out.loss * float("nan"))
+        return out
+
+    monkeypatch.setattr(BatchTopKSAE, "forward_train", poisoned)
+    with pytest.raises(TrainingError) as exc:
+        _train(None, n_steps=4)
+    msg = str(exc.value)
+    assert "run joint" in msg and "step 1" in msg and "meta step 0" in msg
+
+
+def test_wrong_batch_shape_names_step(tmp_path):
+    def source(start):
+        for i in range(start, 4):
+            yield torch.randn(TRAIN.batch_size, SAE.d_in + (1 if i == 2 else 0))
+
+    with pytest.raises(TrainingError, match="step 2.*sae.d_in"):
+        FanOutTrainer(SAE, META, TRAIN, RUNS, progress=False).train(source, 4)
+
+
+def test_short_batch_source_names_step():
+    with pytest.raises(TrainingError, match="ended at step 3 of 5"):
+        FanOutTrainer(SAE, META, TRAIN, RUNS, progress=False).train(_batches(3), 5)
