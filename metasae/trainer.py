@@ -83,7 +83,8 @@ class FanOutTrainer:
     """Train several SAEs from one batch stream (see module docstring)."""
 
     def __init__(self, sae_cfg: SAEConfig, meta_cfg: MetaConfig, train_cfg: TrainConfig, runs: list[RunSpec],
-                 ckpt_root: str | Path | None = None, progress: bool = True, desc: str = "train"):
+                 ckpt_root: str | Path | None = None, progress: bool = True, desc: str = "train",
+                 rebuild_hint: str = ""):
         sae_cfg.validate("sae")
         train_cfg.validate("train")
         if not runs:
@@ -103,6 +104,8 @@ class FanOutTrainer:
         self.sae_cfg, self.meta_cfg, self.train_cfg, self.runs = sae_cfg, meta_cfg, train_cfg, runs
         self.ckpt_root = Path(ckpt_root) if ckpt_root else None
         self.progress, self.desc = progress, desc
+        self.rebuild_hint = rebuild_hint or f"delete {self.ckpt_root} and rerun the training stage"
+        """What an IntegrityError on resume tells the user to run (the pipeline passes its command)."""
         self.autocast = train_cfg.autocast == "bfloat16"
 
     # -- construction -------------------------------------------------------
@@ -127,7 +130,7 @@ class FanOutTrainer:
     def _load_states(self, step: int) -> list[RunState]:
         assert self.ckpt_root is not None
         states = []
-        hint = f"delete {self.ckpt_root} and rerun the training stage"
+        hint = self.rebuild_hint
         for spec in self.runs:
             raw = read_run_step(self.ckpt_root / spec.name / step_dirname(step), hint)
             st = self._fresh_state(spec)
