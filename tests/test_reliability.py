@@ -208,8 +208,9 @@ def _batches(n_steps: int, nan_at: int | None = None, inf_at: int | None = None)
     return source
 
 
-def _train(ckpt: Path, n_steps: int = 4, runs=RUNS, sae=SAE, **kw):
-    return FanOutTrainer(sae, META, TRAIN, runs, ckpt_root=ckpt, progress=False).train(_batches(n_steps, **kw), n_steps)
+def _train(ckpt: Path, n_steps: int = 4, runs=RUNS, sae=SAE, hint: str = "", **kw):
+    trainer = FanOutTrainer(sae, META, TRAIN, runs, ckpt_root=ckpt, progress=False, rebuild_hint=hint)
+    return trainer.train(_batches(n_steps, **kw), n_steps)
 
 
 @pytest.fixture
@@ -234,10 +235,10 @@ def test_damaged_checkpoint_file_is_named_with_rebuild_command(trained, fname, d
     msg = str(exc.value)
     assert str(target) in msg
     assert "python -m metasae.pipeline train --profile smoke" in msg
-    # resuming from a damaged commit refuses too (it names the file and how to rebuild)
+    # resuming from a damaged commit refuses too, naming the file and the caller's rebuild command
     with pytest.raises(IntegrityError) as exc:
-        _train(trained, n_steps=4)
-    assert str(target) in str(exc.value) and "rerun" in str(exc.value)
+        _train(trained, n_steps=4, hint="bash run_all.sh --profile smoke")
+    assert str(target) in str(exc.value) and "bash run_all.sh --profile smoke" in str(exc.value)
 
 
 def test_damaged_intermediate_checkpoint_stops_the_resume(tmp_path):
@@ -248,7 +249,7 @@ def test_damaged_intermediate_checkpoint_stops_the_resume(tmp_path):
     target.write_bytes(target.read_bytes()[:-10])
     with pytest.raises(IntegrityError) as exc:
         _train(ckpt, n_steps=6)
-    assert str(target) in str(exc.value)
+    assert str(target) in str(exc.value) and f"delete {ckpt}" in str(exc.value)  # the default hint
 
 
 def test_missing_checksums_means_incomplete(trained):
