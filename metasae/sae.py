@@ -105,7 +105,7 @@ class BatchTopKSAE(nn.Module):
         bound = math.sqrt(6.0 / n)
         W_enc.uniform_(-bound, bound, generator=gen)
         self.W_enc_DF = nn.Parameter(W_enc)
-        self.W_dec_FD = nn.Parameter(W_enc.t().clone())
+        self.W_dec_FD = nn.Parameter(W_enc.t().contiguous())  # row-major: embedding_bag's fast path
         self.b_dec_D = nn.Parameter(torch.zeros(d))
         with torch.no_grad():
             self.W_dec_FD.div_(self.W_dec_FD.norm(dim=1, keepdim=True).clamp_min(1e-12))
