@@ -96,7 +96,8 @@ class HFLocalClient(_BatchByLoop):
     backend_id = "hf-local"
 
     def __init__(self, model: Any, tokenizer: Any = None, *, dtype: str = "bfloat16",
-                 batch_size: int = 8, model_id: str | None = None, top_logprobs: int = 20):
+                 batch_size: int = 8, model_id: str | None = None, top_logprobs: int = 20,
+                 always_logprobs: Sequence[str] = ("0", "1")):
         import torch
 
         torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
@@ -122,6 +123,13 @@ class HFLocalClient(_BatchByLoop):
         self.model.eval()
         self.batch_size = batch_size
         self.top_logprobs = top_logprobs
+        # The judges' 1/0 answers: their first-token log-probabilities are always reported,
+        # even outside the top-k, so that P("1") vs P("0") never falls back to the text.
+        self._always: dict[int, str] = {}
+        for s in always_logprobs:
+            ids = self.tokenizer.encode(s, add_special_tokens=False)
+            if len(ids) == 1:
+                self._always[int(ids[0])] = s
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
@@ -170,7 +178,9 @@ class HFLocalClient(_BatchByLoop):
                 lp = torch.log_softmax(res.logits[0][b].float(), dim=-1)
                 top = torch.topk(lp, self.top_logprobs)
                 lps = {}
-                for v, idx in zip(top.values.tolist(), top.indices.tolist()):
+                pairs = list(zip(top.values.tolist(), top.indices.tolist()))
+                pairs += [(float(lp[idx]), idx) for idx in self._always]
+                for v, idx in pairs:
                     s = tok.decode([idx])
                     lps[s] = max(lps.get(s, -math.inf), v)
             completions.append(Completion(text=text, first_token_logprobs=lps))
