@@ -69,7 +69,7 @@ class _GatherPre(torch.autograd.Function):
     @staticmethod
     def forward(ctx, W_enc_DF: Tensor, b_dec_D: Tensor, pre_BF: Tensor, x_n_BD: Tensor,
                 b_idx: Tensor, f_idx: Tensor) -> Tensor:  # type: ignore[override]
-        vals = pre_BF[b_idx, f_idx]
+        vals = pre_BF[b_idx, f_idx].float()
         ctx.save_for_backward(W_enc_DF, b_dec_D, x_n_BD, b_idx, f_idx, vals)
         ctx.shape = pre_BF.shape
         return vals
@@ -88,6 +88,32 @@ class _GatherPre(torch.autograd.Function):
             col_F = torch.zeros(n, dtype=g.dtype).index_add_(0, f_idx, g)
             grad_b = -(W_enc_DF @ col_F)
         return grad_W, grad_b, None, None, None, None
+
+
+def _topk_flat_indices(pre_BF: Tensor, kk: int, sample_rows: int = 256, margin: float = 1.5) -> Tensor:
+    """Flat indices of the kk largest entries of pre_BF: torch.topk over the
+    whole matrix, computed without sorting it.
+
+    A threshold t is read off a strided sample of rows (a value a bit below the
+    sample's kk-quantile); every entry >= t is a candidate and the exact top kk
+    are taken among the candidates.  If at least kk entries are >= t, the
+    kk-th largest value is >= t, so every entry of the true top kk is a
+    candidate: the result is the same set as the full topk (up to the choice
+    among tied values, which topk leaves unspecified too).  Otherwise it falls
+    back to the full topk.
+    """
+    flat = pre_BF.reshape(-1)
+    N = flat.numel()
+    B = pre_BF.shape[0]
+    if kk >= N or N < (1 << 22) or B < 4 * sample_rows:
+        return torch.topk(flat, kk, sorted=False).indices
+    sample = pre_BF[:: B // sample_rows].reshape(-1)
+    r = min(sample.numel(), int(math.ceil(kk * sample.numel() / N * margin)) + 64)
+    t = torch.topk(sample, r, sorted=False).values.min()
+    cand = torch.nonzero(flat >= t).squeeze(1)
+    if cand.numel() < kk:
+        return torch.topk(flat, kk, sorted=False).indices
+    return cand[torch.topk(flat[cand], kk, sorted=False).indices]
 
 
 class BatchTopKSAE(nn.Module):
@@ -130,10 +156,15 @@ class BatchTopKSAE(nn.Module):
         return y_BD * std + mu
 
     # -- encoder ----------------------------------------------------------
-    def _pre_from_normalized(self, x_n_BD: Tensor, autocast: bool = False) -> Tensor:
+    def _pre_from_normalized(self, x_n_BD: Tensor, autocast: bool = False, keep_dtype: bool = False) -> Tensor:
+        """ReLU pre-activations.  Under autocast the GEMM's output is bfloat16;
+        with `keep_dtype` it is returned as is (same values, half the memory
+        traffic; consumers cast the few kept entries), else as float32."""
         ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else nullcontext()
         with torch.no_grad(), ctx:
             pre = (x_n_BD - self.b_dec_D) @ self.W_enc_DF
+        if keep_dtype:
+            return pre.relu_()
         return torch.relu(pre.float())
 
     @torch.no_grad()
@@ -146,7 +177,7 @@ class BatchTopKSAE(nn.Module):
         """BatchTopK: the k*B largest entries of the whole batch matrix."""
         B, n = pre_BF.shape
         kk = min(self.cfg.k * B, B * n)
-        flat = torch.topk(pre_BF.reshape(-1), kk, sorted=False).indices
+        flat = _topk_flat_indices(pre_BF, kk)
         flat, _ = torch.sort(flat)
         b_idx = torch.div(flat, n, rounding_mode="floor")
         f_idx = flat - b_idx * n
@@ -176,7 +207,7 @@ class BatchTopKSAE(nn.Module):
         """
         x_n, mu, std = x_norm if x_norm is not None else self.standardize(x_BD.float())
         B = x_n.shape[0]
-        pre = self._pre_from_normalized(x_n, autocast)
+        pre = self._pre_from_normalized(x_n, autocast, keep_dtype=True)
         sel = self.select(pre)
         vals = _GatherPre.apply(self.W_enc_DF, self.b_dec_D, pre, x_n, sel.b_idx, sel.f_idx)
         x_hat_n = self._decode_sparse(sel.f_idx, sel.offsets, vals, self.W_dec_FD) + self.b_dec_D
@@ -282,9 +313,9 @@ def meta_reconstruction(meta: BatchTopKSAE, W_dec_FD: Tensor, autocast: bool = F
     """
     x = W_dec_FD.detach().float()
     x_n, mu, std = meta.standardize(x)
-    pre = meta._pre_from_normalized(x_n, autocast)
+    pre = meta._pre_from_normalized(x_n, autocast, keep_dtype=True)
     sel = meta.select(pre)
-    vals = pre[sel.b_idx, sel.f_idx]
+    vals = pre[sel.b_idx, sel.f_idx].float()
     y = meta._decode_sparse(sel.f_idx, sel.offsets, vals, meta.W_dec_FD) + meta.b_dec_D
     return meta.unstandardize(y, mu, std)
 
