@@ -318,9 +318,47 @@ class SyntheticConfig:
     sigma2: list[float] = field(default_factory=lambda: [1.0])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     extra: dict[str, Any] = field(default_factory=dict)
-    """Passed to the synthetic model builder (correlation rank, hierarchy, ...)."""
+    """Passed to the synthetic model builder (correlation rank, hierarchy, ...);
+    keys in EXTRA_KEYS, defaults in metasae.synthetic.GENERATOR_DEFAULTS."""
+    lr: float = 3e-4
+    """Adam learning rate of every SAE of the benchmark (primary and meta)."""
+    input_norm: Literal["standardize", "none"] = "standardize"
+    """The primary's input normalisation (the paper's per-token standardisation by default)."""
+    autocast: Literal["bfloat16", "none"] = "none"
+    """Encoder GEMM precision while training (fp32 by default: small, exact, CPU)."""
+    mixing_tau: float = 0.3
+    """A latent mixes true features when >= 2 of them have |cos| >= max(mixing_tau,
+    mixing_ratio * best |cos|) with its decoder row."""
+    mixing_ratio: float = 0.5
+    threads: int = 1
+    """torch threads while the benchmark runs (restored after); 0 leaves torch's setting.
+    The tensors are small: one thread avoids OpenMP spin-waits on a shared CPU."""
+
+    EXTRA_KEYS = (  # a class attribute, not a field (no annotation)
+        "zipf_exponent", "max_prob", "min_prob",
+        "hierarchy_roots", "branching_min", "branching_max", "hierarchy_depth",
+        "mutually_exclusive_portion", "compensate_probabilities",
+        "correlation_rank", "correlation_scale",
+        "magnitude_mean", "magnitude_std", "bias", "orthogonalize_steps",
+    )
 
     def validate(self, where: str = "synthetic") -> None:
+        unknown = sorted(set(self.extra) - set(self.EXTRA_KEYS))
+        if unknown:
+            raise ConfigError(f"{where}.extra has unknown key {unknown[0]!r} (known: {', '.join(self.EXTRA_KEYS)})")
+        for key, value in self.extra.items():
+            if isinstance(value, bool) and key != "compensate_probabilities" or not isinstance(value, (int, float)):
+                raise ConfigError(f"{where}.extra.{key} must be a number, not {value!r}")
+        _pos_float(self.lr, f"{where}.lr")
+        _nonneg_int(self.threads, f"{where}.threads")
+        if self.input_norm not in ("standardize", "none"):
+            raise ConfigError(f"{where}.input_norm must be 'standardize' or 'none', not {self.input_norm!r}")
+        if self.autocast not in ("bfloat16", "none"):
+            raise ConfigError(f"{where}.autocast must be 'bfloat16' or 'none', not {self.autocast!r}")
+        for name in ("mixing_tau", "mixing_ratio"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 < v <= 1.0:
+                raise ConfigError(f"{where}.{name} must be in (0, 1], not {v!r}")
         for name in ("num_features", "hidden_dim", "n_latents", "k", "meta_latents", "meta_k",
                      "train_tokens", "eval_tokens", "batch_size"):
             _pos_int(getattr(self, name), f"{where}.{name}")
@@ -338,6 +376,11 @@ class SyntheticConfig:
             raise ConfigError(f"{where}.seeds must list at least one seed")
         for s in self.seeds:
             _nonneg_int(s, f"{where}.seeds")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"{where}.seeds must not repeat a seed ({self.seeds})")
+        if self.train_tokens < self.batch_size:
+            raise ConfigError(f"{where}.train_tokens ({self.train_tokens}) must be at least "
+                              f"{where}.batch_size ({self.batch_size})")
 
 
 @dataclass
