@@ -539,7 +539,7 @@ def load_profile(name_or_path: str | Path, seeds: list[int] | None = None) -> Pr
 def parse_seeds(text: str) -> list[int]:
     """Parse '0,1,2' -> [0, 1, 2] with a one-sentence error otherwise."""
     parts = [p.strip() for p in str(text).split(",")]
-    if not parts or any(not p.isdigit() for p in parts):
+    if not parts or any(not (p.isascii() and p.isdigit()) for p in parts):
         raise ConfigError(f"--seeds must be a comma-separated list of non-negative integers such as 0,1,2, not {text!r}")
     seeds = [int(p) for p in parts]
     if len(set(seeds)) != len(seeds):
