@@ -401,6 +401,9 @@ class Profile:
     def validate(self) -> "Profile":
         if not isinstance(self.name, str) or not self.name:
             raise ConfigError("name must be a non-empty string")
+        if "/" in self.name or "\\" in self.name or self.name.startswith("."):
+            # the name is a folder under outputs/ and figures/: it must not lead out of them
+            raise ConfigError(f"name must be a folder-safe string (no '/', '\\' or leading '.'), not {self.name!r}")
         if not self.seeds:
             raise ConfigError("seeds must list at least one seed")
         for s in self.seeds:
