@@ -422,9 +422,32 @@ class Profile:
                 f"data.train_tokens ({self.data.train_tokens}) must be at least train.batch_size ({self.train.batch_size})"
             )
         self.grid.validate(self.sae.n_latents)
+        for m in self.grid.meta_sizes:
+            if m <= self.meta.k:
+                raise ConfigError(f"grid.meta_sizes value {m} must be larger than meta.k ({self.meta.k})")
         self.autointerp.validate()
+        if self.autointerp.window > self.data.ctx_len:
+            raise ConfigError(
+                f"autointerp.window ({self.autointerp.window}) must not exceed data.ctx_len ({self.data.ctx_len})")
         self.synthetic.validate()
+        self._validate_against_model()
+        self.runs_for_seed(self.seeds[0])  # duplicate run names
         return self
+
+    def _validate_against_model(self) -> None:
+        """Relations that need the model registry: layer < depth, d_in = width, ctx_len <= context."""
+        spec = _registry_spec(self.model.name)
+        if spec is None:  # not a registry model: the profile states d_in and nothing more can be checked
+            return
+        name = self.model.name
+        if self.model.layer >= spec.n_layers:
+            raise ConfigError(f"model.layer ({self.model.layer}) must be smaller than the number of layers "
+                              f"of {name} ({spec.n_layers})")
+        if self.sae.d_in != spec.d_model:
+            raise ConfigError(f"sae.d_in ({self.sae.d_in}) must equal the width of {name} ({spec.d_model})")
+        if self.data.ctx_len > spec.max_ctx:
+            raise ConfigError(f"data.ctx_len ({self.data.ctx_len}) must not exceed the context length "
+                              f"of {name} ({spec.max_ctx})")
 
     # -- derived --------------------------------------------------------
     def runs_for_seed(self, seed: int) -> list[RunSpec]:
@@ -559,12 +582,17 @@ def _fmt(x: float) -> str:
     return f"{x:g}"
 
 
-def _registry_width(model_name: str) -> int:
+def _registry_spec(model_name: str) -> Any:
+    """The registry's ModelSpec for `model_name`, or None (unknown name, or registry not importable)."""
     try:
         from metasae.activations.models import MODEL_REGISTRY  # noqa: WPS433
     except Exception:  # registry not importable: the profile must state d_in
-        return 0
-    spec = MODEL_REGISTRY.get(model_name)
+        return None
+    return MODEL_REGISTRY.get(model_name)
+
+
+def _registry_width(model_name: str) -> int:
+    spec = _registry_spec(model_name)
     return int(getattr(spec, "d_model", 0) or 0) if spec else 0
 
 
