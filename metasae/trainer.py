@@ -99,6 +99,9 @@ class FanOutTrainer:
                 if r.meta_latents and r.meta_latents >= sae_cfg.n_latents:
                     raise ConfigError(f"run {r.name}: meta_latents ({r.meta_latents}) must be smaller than "
                                       f"sae.n_latents ({sae_cfg.n_latents})")
+                if r.meta_latents and r.meta_latents <= meta_cfg.k:
+                    raise ConfigError(f"run {r.name}: meta_latents ({r.meta_latents}) must be larger than "
+                                      f"meta.k ({meta_cfg.k})")
         if train_cfg.batch_size * sae_cfg.k > train_cfg.batch_size * sae_cfg.n_latents:
             raise ConfigError("sae.k must be smaller than sae.n_latents")
         self.sae_cfg, self.meta_cfg, self.train_cfg, self.runs = sae_cfg, meta_cfg, train_cfg, runs
