@@ -343,3 +343,9 @@ def test_wrong_batch_shape_names_step(tmp_path):
 def test_short_batch_source_names_step():
     with pytest.raises(TrainingError, match="ended at step 3 of 5"):
         FanOutTrainer(SAE, META, TRAIN, RUNS, progress=False).train(_batches(3), 5)
+
+
+def test_meta_size_not_above_meta_k_is_refused_at_construction():
+    bad = [RunSpec("joint_m1", "joint", seed=1, lambda2=0.3, sigma2=1.0, meta_latents=1)]
+    with pytest.raises(ConfigError, match=r"run joint_m1: meta_latents \(1\) must be larger than meta.k \(1\)"):
+        FanOutTrainer(SAE, META, TRAIN, bad, progress=False)
