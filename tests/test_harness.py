@@ -97,6 +97,8 @@ def _env(**extra: str) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     env.pop("METASAE_OUT", None)
     env.pop("METASAE_FIGURES", None)
+    if sys.prefix != sys.base_prefix:
+        env["VIRTUAL_ENV"] = sys.prefix
     env.update(extra)
     return env
 

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,8 @@ def test_smoke_profile_end_to_end(tmp_path: Path) -> None:
     out, figures = tmp_path / "out", tmp_path / "figures"
     env = dict(os.environ, METASAE_FIGURES=str(figures))
     env.pop("METASAE_OUT", None)
+    if sys.prefix != sys.base_prefix:  # run in the environment running the tests, not another one
+        env["VIRTUAL_ENV"] = sys.prefix
     proc = subprocess.run(
         ["bash", str(ROOT / "run_all.sh"), "--profile", "smoke", "--seeds", "0,1", "--out", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
