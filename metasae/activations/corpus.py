@@ -225,7 +225,12 @@ def _install_packages() -> None:
             raise CorpusUnavailable(f"`{' '.join(cmd)}` failed (exit {res.returncode}); {alt}")
 
 
-_VERSE = re.compile(r"^(.+?) (\d+):(\d+):\s?(.*)$")
+# "Book C:V: text"; the book name is anchored at the line start so that inline
+# references inside the commentary ("..., He 11:7") never start a new verse.
+_VERSE = re.compile(r"^((?:[1-4] |I{1,3} )?[A-Z][\w'’]*(?: (?:of|to|the|and|[A-Z][\w'’]*)){0,4}(?: \(\w+\))?) (\d+):(\d+):\s?(.*)$")
+
+
+_TAG = re.compile(r"<[^>]*>")
 
 
 def _diatheke_chapters(module: str) -> Iterator[tuple[str, list[str]]]:
@@ -236,8 +241,8 @@ def _diatheke_chapters(module: str) -> Iterator[tuple[str, list[str]]]:
     assert proc.stdout is not None
     key, verses = None, []
     for line in proc.stdout:
-        line = line.rstrip("\n")
-        m = _VERSE.match(line)
+        line = _TAG.sub("", line.rstrip("\n"))  # OSIS markup that leaks into plain output
+        m = _VERSE.match(line.lstrip())  # poetry verses are indented
         if m:
             ch = f"{m.group(1)} {m.group(2)}"
             if ch != key:
