@@ -137,8 +137,20 @@ def _verify_checksums(folder: Path, rebuild_hint: str) -> None:
     cpath = folder / "checksums.json"
     if not cpath.is_file():
         raise IntegrityError(f"{folder} has no checksums.json: the checkpoint is incomplete; {rebuild_hint}")
-    for name, meta in read_json(cpath).items():
+    sums = _read_json_or_raise(cpath, rebuild_hint)
+    if not isinstance(sums, dict) or not all(isinstance(m, dict) and {"sha256", "size"} <= m.keys()
+                                             for m in sums.values()):
+        raise IntegrityError(f"{cpath} is not a table of checksums; rebuild it with: {rebuild_hint}")
+    for name, meta in sums.items():
         verify_file(folder / name, meta["sha256"], meta["size"], rebuild_hint)
+
+
+def _read_json_or_raise(path: Path, rebuild_hint: str) -> Any:
+    """JSON written atomically by us: unreadable means damaged after the fact."""
+    try:
+        return read_json(path)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise IntegrityError(f"{path} is truncated or altered ({exc}); rebuild it with: {rebuild_hint}") from None
 
 
 # ---------------------------------------------------------------------------
@@ -200,15 +212,22 @@ class TrainedRun:
     folder: Path
 
 
-def read_trainer(ckpt_root: Path) -> dict[str, Any] | None:
+def read_trainer(ckpt_root: Path, rebuild_hint: str = "") -> dict[str, Any] | None:
+    """The fan-out's commit record, or None before the first commit."""
     p = Path(ckpt_root) / TRAINER_FILE
-    return read_json(p) if p.is_file() else None
+    if not p.is_file():
+        return None
+    tr = _read_json_or_raise(p, rebuild_hint or f"delete {ckpt_root} and rerun the training stage")
+    if not isinstance(tr, dict) or not {"step", "complete", "fingerprint", "runs"} <= tr.keys():
+        raise IntegrityError(f"{p} is not a commit record; rebuild it with: "
+                             f"{rebuild_hint or f'delete {ckpt_root} and rerun the training stage'}")
+    return tr
 
 
 def load_trained_run(ckpt_root: Path, run_name: str, rebuild_hint: str = "rerun the training notebook") -> TrainedRun:
     """Load the final weights of `run_name` from a completed fan-out."""
     ckpt_root = Path(ckpt_root)
-    tr = read_trainer(ckpt_root)
+    tr = read_trainer(ckpt_root, rebuild_hint)
     if tr is None or not tr.get("complete"):
         raise IntegrityError(f"{ckpt_root} holds no completed training run; {rebuild_hint}")
     if run_name not in tr["runs"]:

@@ -182,7 +182,7 @@ class FanOutTrainer:
         start = 0
         states: list[RunState] | None = None
         if self.ckpt_root is not None:
-            tr = read_trainer(self.ckpt_root)
+            tr = read_trainer(self.ckpt_root, self.rebuild_hint)
             if tr is not None:
                 if tr.get("fingerprint") != self.fingerprint(n_steps):
                     raise ConfigError(
