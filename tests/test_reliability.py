@@ -349,3 +349,24 @@ def test_meta_size_not_above_meta_k_is_refused_at_construction():
     bad = [RunSpec("joint_m1", "joint", seed=1, lambda2=0.3, sigma2=1.0, meta_latents=1)]
     with pytest.raises(ConfigError, match=r"run joint_m1: meta_latents \(1\) must be larger than meta.k \(1\)"):
         FanOutTrainer(SAE, META, TRAIN, bad, progress=False)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_damaged_checksums_file_is_an_integrity_error(trained, damage):
+    target = trained / "joint" / step_dirname(4) / "checksums.json"
+    text = target.read_text()
+    target.write_text(text[: len(text) // 2] if damage == "truncate" else '["not", "a", "table"]')
+    with pytest.raises(IntegrityError) as exc:
+        load_trained_run(trained, "joint", rebuild_hint="bash run_all.sh --profile smoke")
+    assert str(target) in str(exc.value) and "bash run_all.sh --profile smoke" in str(exc.value)
+
+
+def test_damaged_trainer_commit_is_an_integrity_error(trained):
+    target = trained / "trainer.json"
+    target.write_text(target.read_text()[:20])
+    with pytest.raises(IntegrityError) as exc:
+        _train(trained, n_steps=4, hint="bash run_all.sh --profile smoke")
+    assert str(target) in str(exc.value) and "bash run_all.sh --profile smoke" in str(exc.value)
+    with pytest.raises(IntegrityError) as exc:
+        load_trained_run(trained, "solo", rebuild_hint="bash run_all.sh --profile smoke")
+    assert str(target) in str(exc.value)
