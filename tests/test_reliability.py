@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -213,11 +214,17 @@ def _train(ckpt: Path, n_steps: int = 4, runs=RUNS, sae=SAE, hint: str = "", **k
     return trainer.train(_batches(n_steps, **kw), n_steps)
 
 
-@pytest.fixture
-def trained(tmp_path) -> Path:
-    ckpt = tmp_path / "ckpt"
+@pytest.fixture(scope="module")
+def _trained_once(tmp_path_factory) -> Path:
+    ckpt = tmp_path_factory.mktemp("trained") / "ckpt"
     _train(ckpt)
     return ckpt
+
+
+@pytest.fixture
+def trained(_trained_once, tmp_path) -> Path:
+    """A completed 4-step fan-out (solo + joint), a private copy per test."""
+    return Path(shutil.copytree(_trained_once, tmp_path / "ckpt"))
 
 
 @pytest.mark.parametrize("fname", ["sae.safetensors", "meta.safetensors", "state.safetensors", "cfg.json"])
