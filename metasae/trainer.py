@@ -218,7 +218,7 @@ class FanOutTrainer:
                 if not bool(torch.isfinite(x).all()):
                     raise TrainingError(f"non-finite activations in the training batch at step {step}")
                 x_norm = states[0].primary.standardize(x) if share_norm else None
-                record = (step + 1) % every_eval == 0 or step + 1 == n_steps or step == start
+                record = (step + 1) % every_eval == 0 or step + 1 == n_steps
                 for st in states:
                     self._primary_step(st, x, x_norm, step, record)
                     if st.meta is not None and (step + 1) % n_p == 0:
