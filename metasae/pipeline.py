@@ -116,9 +116,13 @@ def train_seed(ctx: RunContext, seed: int, progress: bool = True) -> dict[str, T
             return cache.iter_batches("train", B, seed=seed, epochs=p.train.epochs, start_batch=start)
 
         trainer = FanOutTrainer(p.sae, p.meta, p.train, runs, ckpt_root=root, progress=progress,
-                                desc=f"seed {seed}: {len(runs)} SAEs")
+                                desc=f"seed {seed}: {len(runs)} SAEs", rebuild_hint=_rebuild_hint(ctx, root))
         trainer.train(batches, n_steps)
-    return {r.name: load_trained_run(root, r.name) for r in runs}
+    return {r.name: load_trained_run(root, r.name, _rebuild_hint(ctx, root)) for r in runs}
+
+
+def _rebuild_hint(ctx: RunContext, folder: Path) -> str:
+    return f"delete {folder} and rerun `bash run_all.sh --profile {ctx.name} --out {ctx.out}`"
 
 
 def history_rows(trained: dict[str, TrainedRun]) -> list[dict[str, Any]]:
