@@ -109,6 +109,13 @@ def test_mean_abs_phi_matches_the_dense_formula():
     phis = [abs(np.corrcoef(A[:, i], A[:, j])[0, 1]) for a, i in enumerate(keep) for j in keep[a + 1:]]
     assert n_alive == 11
     assert got == pytest.approx(float(np.mean(phis)), rel=1e-9)
+    # the project's sparse co-firing counts give the same number
+    from metasae.metrics.cooccurrence import CoFiringCounts, firing_from_dense, phi_summary
+
+    counts = CoFiringCounts(12)
+    counts.update(firing_from_dense(A[:150]))
+    counts.update(firing_from_dense(A[150:]))
+    assert phi_summary(counts).mean_abs_phi == pytest.approx(got, rel=1e-9)
 
 
 def test_our_metrics_agree_with_sae_lens_eval_on_the_exported_sae(tmp_path):
