@@ -427,6 +427,7 @@ def _seed_fingerprint(cfg: SyntheticConfig, seed: int) -> str:
     d = dataclasses.asdict(cfg)
     d.pop("seeds")
     d.pop("enabled", None)
+    d.pop("threads", None)  # speed only, not results
     return config_fingerprint({"cfg": d, "seed": seed, "generator": generator_options(cfg)})
 
 
