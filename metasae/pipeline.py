@@ -248,16 +248,17 @@ def evaluate_seed(ctx: RunContext, seed: int, progress: bool = True) -> dict[str
                            "var_abs_phi": s.var_abs_phi, "mean_phi": s.mean_phi})
     # CE with the SAE spliced in
     if ctx.profile.data.ce_tokens > 0:
-        from metasae.activations.harvest import ce_with_splice
+        from metasae.activations.harvest import ce_with_splices
 
         lm = loaded_model(ctx)
         tokens, mask = _ce_rows(ctx, cache)
         ce_names = [nm for nm in names if trained[nm].spec.tags.get("role") in ("solo", "grid", "control")]
-        for nm in _bar(ce_names, "CE splice", progress):
-            sae = trained[nm].sae
-            raw = ce_with_splice(lm, ctx.profile.model.layer, tokens, mask,
-                                 lambda x, s=sae: s.reconstruct(x.float()).to(x.dtype),
-                                 batch_rows=ctx.profile.data.harvest_batch_rows)
+        fns = {nm: (lambda x, s=trained[nm].sae: s.reconstruct(x.float()).to(x.dtype)) for nm in ce_names}
+        if progress:
+            print(f"CE with {len(ce_names)} SAEs spliced in, on {int(mask.sum())} tokens")
+        raw_all = ce_with_splices(lm, ctx.profile.model.layer, tokens, mask, fns,
+                                  batch_rows=ctx.profile.data.harvest_batch_rows)
+        for nm, raw in raw_all.items():
             ev[nm].update({"ce": raw, **ce_summary(raw)})
     atomic_write_json(summary_path, ev)
     return ev

@@ -12,7 +12,7 @@ import torch
 from metasae.activations.cache import ActivationCache, build_cache
 from metasae.activations.corpus import (CorpusUnavailable, ensure_corpus, main as corpus_main, split_row_ranges,
                                         tokenize_rows, valid_mask)
-from metasae.activations.harvest import ce_with_splice, harvest_rows, read_resid_pre
+from metasae.activations.harvest import ce_with_splice, ce_with_splices, harvest_rows, read_resid_pre
 from metasae.activations.models import MODEL_REGISTRY, gpt2_tokenizer, load_model
 from metasae.config import DataConfig, ModelSpecConfig, Profile, SAEConfig, TrainConfig
 from metasae.io import IntegrityError
@@ -89,6 +89,14 @@ def test_ce_splice_identity_and_zero_ablation():
     assert r["n_tokens"] == int(mask[:, 1:].sum())
     assert abs(r["spliced_ce"] - r["clean_ce"]) < 1e-5 and r["kl_spliced"] < 1e-6
     assert r["zero_ce"] > r["clean_ce"] + 0.5 and r["kl_zero"] > 0.1
+    # several splices in one call share the clean and zero forwards and agree with single calls
+    half = lambda x: 0.5 * x  # noqa: E731
+    both = ce_with_splices(lm, 6, tok, mask, {"id": lambda x: x, "half": half}, batch_rows=2)
+    single = ce_with_splice(lm, 6, tok, mask, half, batch_rows=2)
+    assert both["id"]["spliced_ce"] == pytest.approx(r["spliced_ce"], abs=1e-6)
+    for k in ("clean_ce", "zero_ce", "spliced_ce", "kl_spliced", "kl_zero"):
+        assert both["half"][k] == pytest.approx(single[k], abs=1e-6), k
+    assert both["half"]["spliced_ce"] > both["half"]["clean_ce"]
 
 
 def test_tokenize_rows_bos_and_mask():

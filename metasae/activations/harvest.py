@@ -131,11 +131,22 @@ def ce_with_splice(loaded: LoadedModel, layer: int, tokens_RT: torch.Tensor, mas
     inferred as "not valid and not BOS" unless ``attention_mask_RT`` is given.
     KL(clean || patched) is averaged over the same predictions.
     """
+    return ce_with_splices(loaded, layer, tokens_RT, mask_RT, {"spliced": splice_fn}, batch_rows,
+                           attention_mask_RT)["spliced"]
+
+
+def ce_with_splices(loaded: LoadedModel, layer: int, tokens_RT: torch.Tensor, mask_RT: torch.Tensor,
+                    splice_fns: dict[str, Callable[[torch.Tensor], torch.Tensor]], batch_rows: int = 16,
+                    attention_mask_RT: torch.Tensor | None = None) -> dict[str, dict[str, float]]:
+    """:func:`ce_with_splice` for several splices at once: the clean and zero-ablated
+    forwards run once per batch, shared by every splice (one forward each)."""
     check_site(loaded, layer, tokens_RT.shape[-1])
     mask_RT = mask_RT.bool()
     if attention_mask_RT is None:
         attention_mask_RT = mask_RT | (tokens_RT == loaded.bos_token_id)
-    sums = {k: 0.0 for k in ("clean_ce", "spliced_ce", "zero_ce", "kl_spliced", "kl_zero")}
+    names = list(splice_fns)
+    sums = {nm: {k: 0.0 for k in ("spliced_ce", "kl_spliced")} for nm in names}
+    shared = {"clean_ce": 0.0, "zero_ce": 0.0, "kl_zero": 0.0}
     n_tok = 0
     for i in range(0, tokens_RT.shape[0], batch_rows):
         tok = tokens_RT[i:i + batch_rows]
@@ -146,19 +157,24 @@ def ce_with_splice(loaded: LoadedModel, layer: int, tokens_RT: torch.Tensor, mas
         n = int(pred_mask.sum())
         if n == 0:
             continue
-        lp = {}
-        for key, patch in (("clean", None), ("spliced", splice_fn), ("zero", torch.zeros_like)):
-            logits = _patched_logits(loaded, layer, tok, attn, valid, patch)[:, :-1]
-            lp[key] = F.log_softmax(logits[pred_mask], dim=-1)
         tgt = target[pred_mask]
-        for key in ("clean", "spliced", "zero"):
-            sums[f"{key}_ce"] += float(-lp[key].gather(1, tgt[:, None]).sum())
-        p_clean = lp["clean"].exp()
-        for key in ("spliced", "zero"):
-            sums[f"kl_{key}"] += float((p_clean * (lp["clean"] - lp[key])).sum())
+
+        def logprobs(patch):
+            logits = _patched_logits(loaded, layer, tok, attn, valid, patch)[:, :-1]
+            return F.log_softmax(logits[pred_mask], dim=-1)
+
+        lp_clean = logprobs(None)
+        p_clean = lp_clean.exp()
+        shared["clean_ce"] += float(-lp_clean.gather(1, tgt[:, None]).sum())
+        lp = logprobs(torch.zeros_like)
+        shared["zero_ce"] += float(-lp.gather(1, tgt[:, None]).sum())
+        shared["kl_zero"] += float((p_clean * (lp_clean - lp)).sum())
+        for nm in names:
+            lp = logprobs(splice_fns[nm])
+            sums[nm]["spliced_ce"] += float(-lp.gather(1, tgt[:, None]).sum())
+            sums[nm]["kl_spliced"] += float((p_clean * (lp_clean - lp)).sum())
         n_tok += n
     if n_tok == 0:
         raise ValueError("no valid next-token predictions: the mask excludes every position")
-    out = {k: v / n_tok for k, v in sums.items()}
-    out["n_tokens"] = n_tok
-    return out
+    base = {k: v / n_tok for k, v in shared.items()}
+    return {nm: {**base, **{k: v / n_tok for k, v in sums[nm].items()}, "n_tokens": n_tok} for nm in names}
