@@ -139,6 +139,31 @@ def test_folder_corpus(tmp_path):
     assert ensure_corpus(str(tmp_path)) == tmp_path.resolve()
 
 
+def test_commentary_parser_dedups_and_attributes_chapters():
+    from metasae.activations.corpus import _commentary_chapters, _parse_diatheke
+
+    intro = "Genesis is a name taken from the Greek, and signifies the book of generation."
+    light = " * Verses 1-2 *    God said, Let there be light; he willed it, and at once there was light."
+    noah = "The most remarkable thing concerning the old world, is the destroying of it by the deluge."
+    grace = "Noah found grace in the eyes of the Lord; this distinguished him from others."
+    ch6 = ["Chapter 6", "    Chapter Outline",
+           f"     The wickedness of the world.(1-2)     Noah finds grace.(3)   * Verses 1-2 *    {noah}"]
+    lines = [
+        "Genesis 1:1: Genesis", f"   {intro}", "    Chapter Outline", "     God creates light.(1-2)",
+        f"Genesis 1:2:{light}",  # the same comment printed again for the next verse of its passage
+        f"Genesis 1:3:{light}",
+        *[f"Genesis 6:{v}: {ln}" if i == 0 else ln for v in (1, 2) for i, ln in enumerate(ch6)],
+        f"  Genesis 6:3:  * Verse 3 *. {grace}   {noah}",  # an indented prefix; a repeated paragraph
+        "Genesis 6:4: ",
+        "(MHCC)",
+    ]
+    docs = dict(_commentary_chapters(_parse_diatheke([ln + "\n" for ln in lines], "MHCC")))
+    assert list(docs) == ["Genesis 1", "Genesis 6"]
+    assert docs["Genesis 1"].split("\n\n") == [intro, light.split("*    ")[1]]
+    assert docs["Genesis 6"].split("\n\n") == [noah, grace]
+    assert not any(s in t for t in docs.values() for s in ("Verse", "Chapter", ":", "(1-2)"))
+
+
 # ---------------------------------------------------------------------------
 # cache
 # ---------------------------------------------------------------------------

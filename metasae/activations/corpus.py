@@ -231,18 +231,63 @@ _VERSE = re.compile(r"^((?:[1-4] |I{1,3} )?[A-Z][\w'’]*(?: (?:of|to|the|and|[A
 
 
 _TAG = re.compile(r"<[^>]*>")
+# engWEB2015eb leaks a stray psalm title (with its markup) in front of some verse prefixes
+_LEAKED_TITLE = re.compile(r"<title\b[^>]*>.*?</title>")
 
 
-def _diatheke_chapters(module: str) -> Iterator[tuple[str, list[str]]]:
-    """(``"Book C"``, verse texts) per chapter, verse prefixes stripped."""
+def _sword_env(tmp: Path, module: str) -> dict[str, str] | None:
+    """An environment in which diatheke reads ``module`` with the index format its files have.
+
+    Debian's sword-comm-mhcc declares ``ModDrv=zCom4`` (12-byte verse index
+    entries) but ships zCom files (10-byte entries: 4-byte block, 4-byte start,
+    2-byte size).  Read as zCom4, every entry points at the wrong place: diatheke
+    prints "Error reading ulCompOffset" and each verse gets a ~50 kB window of
+    the wrong chapters.  When the index sizes show this mismatch, a private
+    SWORD_PATH under ``tmp`` holds a copy of the module's .conf with
+    ``ModDrv=zCom`` and a link to the installed modules.  None: use the system
+    configuration as is.
+    """
+    root = Path("/usr/share/sword")
+    conf = next((c for c in (root / "mods.d").glob("*.conf") if c.stem.lower() == module.lower()), None)
+    if conf is None:
+        return None
+    text = conf.read_text(encoding="utf-8", errors="replace")
+    drv = re.search(r"^ModDrv=(\S+)", text, re.M)
+    data = re.search(r"^DataPath=\.?/?(\S+)", text, re.M)
+    if not drv or drv.group(1).lower() != "zcom4" or not data:
+        return None
+    sizes = [f.stat().st_size for f in (root / data.group(1)).glob("*.bzv")]
+    if not sizes or not all(n % 10 == 0 for n in sizes) or all(n % 12 == 0 for n in sizes):
+        return None
+    (tmp / "mods.d").mkdir(parents=True, exist_ok=True)
+    (tmp / "mods.d" / conf.name).write_text(re.sub(r"^ModDrv=\S+", "ModDrv=zCom", text, flags=re.M),
+                                           encoding="utf-8")
+    (tmp / "modules").symlink_to(root / "modules")
+    return dict(os.environ, SWORD_PATH=str(tmp))
+
+
+def _diatheke_lines(module: str, env: dict[str, str] | None = None) -> Iterator[str]:
     proc = subprocess.Popen(["diatheke", "-b", module, "-f", "plain", "-k", BIBLE_RANGE],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, encoding="utf-8",
-                            errors="replace")
+                            errors="replace", env=env)
     assert proc.stdout is not None
+    yield from proc.stdout
+    if proc.wait() != 0:
+        raise CorpusUnavailable(f"diatheke failed on module {module} (exit {proc.returncode}); "
+                                "set METASAE_CORPUS to a folder of .txt files")
+
+
+def _parse_diatheke(lines: Iterable[str], module: str) -> Iterator[tuple[str, list[str]]]:
+    """(``"Book C"``, verse texts) per chapter of diatheke's plain output, verse prefixes stripped.
+
+    Each verse starts a line "Book C:V: text" (indented for poetry); the lines
+    that follow without such a prefix continue that verse.  The output ends
+    with "(module)".
+    """
     key, verses = None, []
-    for line in proc.stdout:
-        line = _TAG.sub("", line.rstrip("\n"))  # OSIS markup that leaks into plain output
-        m = _VERSE.match(line.lstrip())  # poetry verses are indented
+    for line in lines:
+        line = _TAG.sub("", _LEAKED_TITLE.sub("", line.rstrip("\n")))  # OSIS markup leaking into plain output
+        m = _VERSE.match(line.lstrip())
         if m:
             ch = f"{m.group(1)} {m.group(2)}"
             if ch != key:
@@ -254,30 +299,55 @@ def _diatheke_chapters(module: str) -> Iterator[tuple[str, list[str]]]:
             verses[-1] += "\n" + line
     if key is not None:
         yield key, verses
-    proc.wait()
 
 
 def _bible_docs() -> Iterator[tuple[str, str]]:
-    for key, verses in _diatheke_chapters("engWEB2015eb"):
+    for key, verses in _parse_diatheke(_diatheke_lines("engWEB2015eb"), "engWEB2015eb"):
         text = " ".join(v.strip() for v in verses if v.strip())
         text = re.sub(r"[ \t]+", " ", text).strip()
         if text:
             yield key, text
 
 
-def _commentary_docs() -> Iterator[tuple[str, str]]:
-    seen: set[str] = set()
-    for key, verses in _diatheke_chapters("MHCC"):
+# "* Verses 3-5 *", "* Verse 31 *", "* Verse 7 * ,8": the section markers
+_SECTION = re.compile(r"\*\s*Verses?\s+[\d\s,\-–]*\*(?:\s*,\s*\d+(?:\s*-\s*\d+)?\b)?")
+# outline items "Noah finds grace.(8-11)"
+_OUTLINE_ITEM = re.compile(r"\(\d+(?:\s*[-,]\s*\d+)*\)$")
+
+
+def _commentary_chapters(chapters: Iterable[tuple[str, list[str]]]) -> Iterator[tuple[str, str]]:
+    """One document per chapter of MHCC: each comment once, under the chapter it starts in.
+
+    The module links every verse of a commented passage to the same entry, so
+    diatheke prints the entry once per verse ("Genesis 1:3", "Genesis 1:4" and
+    "Genesis 1:5" all carry "* Verses 3-5 * ...").  An entry is kept the first
+    time it is seen; within it, paragraphs (separated by newlines or runs of 3+
+    spaces) are kept once across the whole commentary.  Dropped: section
+    markers, book titles, "Chapter N" / "Chapter Outline" headings and other
+    pieces under 4 words, and outline items ending in a verse range.
+    """
+    seen_entries: set[str] = set()
+    seen_paras: set[str] = set()
+    for key, verses in chapters:
         paras = []
         for v in verses:
-            for p in re.split(r"\s{3,}|\n", v):
-                p = re.sub(r"\s+", " ", p).strip()
-                if len(p) < 60 or p.startswith("* Verses") or p in seen:
-                    continue  # outlines, verse markers and the per-verse repeats
-                seen.add(p)
+            if not v.strip() or v in seen_entries:
+                continue
+            seen_entries.add(v)
+            for p in re.split(r"\s{3,}|\n", _SECTION.sub("\n", v)):
+                p = re.sub(r"\s+", " ", p).strip().lstrip("-.,;: ")  # "--Text", "* Verse 5 *. Text"
+                if len(p.split()) < 4 or _OUTLINE_ITEM.search(p) or p in seen_paras:
+                    continue
+                seen_paras.add(p)
                 paras.append(p)
         if paras:
             yield key, "\n\n".join(paras)
+
+
+def _commentary_docs() -> Iterator[tuple[str, str]]:
+    with tempfile.TemporaryDirectory(prefix="sword.") as tmp:
+        env = _sword_env(Path(tmp), "MHCC")
+        yield from _commentary_chapters(_parse_diatheke(_diatheke_lines("MHCC", env), "MHCC"))
 
 
 class _ProseExtractor(html.parser.HTMLParser):
