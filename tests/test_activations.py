@@ -200,6 +200,7 @@ def test_cache_round_trip_exact(built, tiny_llama):
         ref = ref.to(torch.bfloat16).float()
         assert torch.equal(acts[0:len(acts)], ref)
         assert torch.equal(acts[[1, 0]], ref[[1, 0]]) and torch.equal(acts[1], ref[1])
+        assert torch.equal(acts[1, 3:9], ref[1, 3:9])  # a window of positions (autointerp contexts)
         valid = torch.cat(list(cache.valid_acts(split, chunk_tokens=7)))
         assert torch.equal(valid, ref[mask])
         assert cache.n_valid(split) == valid.shape[0]

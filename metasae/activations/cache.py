@@ -310,7 +310,9 @@ class ShardedActs:
         else:
             rows = np.asarray(idx.cpu() if isinstance(idx, torch.Tensor) else idx, dtype=np.int64).reshape(-1)
         x = self._rows(rows)
-        if pos is not None:
+        if isinstance(pos, slice):
+            x = x[:, pos]
+        elif pos is not None:
             p = torch.as_tensor(pos)
             x = x[torch.arange(len(rows)), p] if p.ndim and len(p) == len(rows) else x[:, p]
         if isinstance(idx, (int, np.integer)):
