@@ -101,7 +101,8 @@ def table_rows(data: Any, columns: Sequence[str] | None = None) -> tuple[list[st
     if hasattr(data, "to_dict") and hasattr(data, "columns"):  # pandas DataFrame, duck-typed
         df = data
         idx = getattr(df, "index", None)
-        if idx is not None and (type(idx).__name__ != "RangeIndex" or any(n is not None for n in idx.names)):
+        # a named index is data (e.g. set_index("run")); an unnamed one is row numbering
+        if idx is not None and any(n is not None for n in idx.names):
             df = df.reset_index()
         cols = [str(c) for c in df.columns]
         rows = [list(r) for r in df.itertuples(index=False, name=None)]
