@@ -104,7 +104,7 @@ class DenseJoint:
             W_hat = self.meta.reconstruct_no_grad(self.primary.W_dec.detach())
             p = torch.exp(-(self.primary.W_dec - W_hat).pow(2).sum(1) / self.sigma2)
             loss = loss + self.lambda2 * p.mean()
-        if not math.isfinite(float(loss)):
+        if not math.isfinite(float(loss.detach())):
             raise RuntimeError("non-finite loss in the dense reference")
         self.primary.step(loss)
         return float(loss.detach())
