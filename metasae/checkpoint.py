@@ -49,11 +49,11 @@ def step_dirname(step: int) -> str:
 
 def sae_tensors(sae: BatchTopKSAE) -> dict[str, torch.Tensor]:
     return {
-        "W_enc_DF": sae.W_enc_DF.detach().contiguous(),
-        "W_dec_FD": sae.W_dec_FD.detach().contiguous(),
-        "b_dec_D": sae.b_dec_D.detach().contiguous(),
-        "threshold": sae.threshold.detach().reshape(1).contiguous(),
-        "since_fired_F": sae.since_fired_F.detach().contiguous(),
+        "W_enc_DF": sae.W_enc_DF.detach().cpu().contiguous(),
+        "W_dec_FD": sae.W_dec_FD.detach().cpu().contiguous(),
+        "b_dec_D": sae.b_dec_D.detach().cpu().contiguous(),
+        "threshold": sae.threshold.detach().cpu().reshape(1).contiguous(),
+        "since_fired_F": sae.since_fired_F.detach().cpu().contiguous(),
     }
 
 
@@ -108,7 +108,7 @@ def optimizer_tensors(opt: torch.optim.Optimizer, prefix: str) -> dict[str, torc
     for idx, st in sd["state"].items():
         for key, val in st.items():
             t = val if torch.is_tensor(val) else torch.tensor(val)
-            out[f"{prefix}.{idx}.{key}"] = t.detach().clone().contiguous()
+            out[f"{prefix}.{idx}.{key}"] = t.detach().cpu().clone().contiguous()
     return out
 
 
@@ -263,11 +263,11 @@ def export_saelens(sae: BatchTopKSAE, folder: Path, threshold_F: torch.Tensor | 
     if threshold_F is None:
         threshold_F = sae.threshold.detach().clamp_min(0).expand(n)
     tensors = {
-        "W_enc": sae.W_enc_DF.detach().float().contiguous(),
-        "W_dec": sae.W_dec_FD.detach().float().contiguous(),
+        "W_enc": sae.W_enc_DF.detach().float().cpu().contiguous(),
+        "W_dec": sae.W_dec_FD.detach().float().cpu().contiguous(),
         "b_enc": torch.zeros(n),
-        "b_dec": sae.b_dec_D.detach().float().contiguous(),
-        "threshold": threshold_F.detach().float().clone().contiguous(),
+        "b_dec": sae.b_dec_D.detach().float().cpu().contiguous(),
+        "threshold": threshold_F.detach().float().cpu().clone().contiguous(),
     }
     save_safetensors(tensors, folder / "sae_weights.safetensors")
     cfg = {

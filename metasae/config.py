@@ -212,6 +212,9 @@ class TrainConfig:
     """History rows (losses, L0, dead, penalty, tokens/s) every N steps."""
     threads: int = 0
     """torch threads; 0 = all cores."""
+    device: str = "cpu"
+    """Where the SAEs train: 'cpu', 'cuda', 'cuda:N' or 'auto' (cuda when available).
+    Checkpoints are always written from CPU copies, so they load anywhere."""
 
     def validate(self, where: str = "train") -> None:
         _pos_int(self.batch_size, f"{where}.batch_size")
@@ -221,6 +224,9 @@ class TrainConfig:
         _pos_int(self.checkpoint_every_steps, f"{where}.checkpoint_every_steps")
         _pos_int(self.eval_every_steps, f"{where}.eval_every_steps")
         _nonneg_int(self.threads, f"{where}.threads")
+        if not isinstance(self.device, str) or not (self.device in ("cpu", "cuda", "auto")
+                                                    or (self.device.startswith("cuda:") and self.device[5:].isdigit())):
+            raise ConfigError(f"{where}.device must be 'cpu', 'cuda', 'cuda:N' or 'auto', not {self.device!r}")
 
 
 @dataclass

@@ -74,19 +74,30 @@ def ensure_activations(ctx: RunContext, progress: bool = True):
     """Build (or resume, or just open) the profile's activation cache."""
     from metasae.activations.cache import build_cache
 
-    return build_cache(ctx.profile, paths.activations_dir(ctx.out), progress=progress)
+    from metasae.trainer import resolve_device
+
+    # on a GPU, harvest with the model there; on the CPU the cache loads it only if a shard is missing
+    on_gpu = resolve_device(ctx.profile.train.device).type != "cpu"
+    return build_cache(ctx.profile, paths.activations_dir(ctx.out), progress=progress,
+                       loaded=loaded_model(ctx) if on_gpu else None)
 
 
 @functools.lru_cache(maxsize=2)
-def _loaded_model(name: str, dtype: str, hub_id: str, trust_remote_code: bool):
+def _loaded_model(name: str, dtype: str, hub_id: str, trust_remote_code: bool, device: str):
     from metasae.activations.models import load_model
 
-    return load_model(name, dtype=dtype, hub_id=hub_id, trust_remote_code=trust_remote_code)
+    lm = load_model(name, dtype=dtype, hub_id=hub_id, trust_remote_code=trust_remote_code)
+    if device != "cpu":
+        lm.model.to(device)
+    return lm
 
 
 def loaded_model(ctx: RunContext):
+    """The profile's language model, loaded once per process, on ``train.device``."""
+    from metasae.trainer import resolve_device
+
     m = ctx.profile.model
-    return _loaded_model(m.name, m.dtype, m.hub_id, m.trust_remote_code)
+    return _loaded_model(m.name, m.dtype, m.hub_id, m.trust_remote_code, str(resolve_device(ctx.profile.train.device)))
 
 
 # ---------------------------------------------------------------------------
@@ -253,7 +264,8 @@ def evaluate_seed(ctx: RunContext, seed: int, progress: bool = True) -> dict[str
         lm = loaded_model(ctx)
         tokens, mask = _ce_rows(ctx, cache)
         ce_names = [nm for nm in names if trained[nm].spec.tags.get("role") in ("solo", "grid", "control")]
-        fns = {nm: (lambda x, s=trained[nm].sae: s.reconstruct(x.float()).to(x.dtype)) for nm in ce_names}
+        fns = {nm: (lambda x, s=trained[nm].sae: s.reconstruct(x.float().cpu()).to(x.device, x.dtype))
+               for nm in ce_names}
         if progress:
             print(f"CE with {len(ce_names)} SAEs spliced in, on {int(mask.sum())} tokens")
         raw_all = ce_with_splices(lm, ctx.profile.model.layer, tokens, mask, fns,

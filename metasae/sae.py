@@ -85,7 +85,7 @@ class _GatherPre(torch.autograd.Function):
             S_FB = torch.sparse_coo_tensor(torch.stack([f_idx, b_idx]), g, (n, B), check_invariants=False)
             grad_W = torch.sparse.mm(S_FB, x_c_BD).t()
         if ctx.needs_input_grad[1]:
-            col_F = torch.zeros(n, dtype=g.dtype).index_add_(0, f_idx, g)
+            col_F = torch.zeros(n, dtype=g.dtype, device=g.device).index_add_(0, f_idx, g)
             grad_b = -(W_enc_DF @ col_F)
         return grad_W, grad_b, None, None, None, None
 
@@ -160,7 +160,7 @@ class BatchTopKSAE(nn.Module):
         """ReLU pre-activations.  Under autocast the GEMM's output is bfloat16;
         with `keep_dtype` it is returned as is (same values, half the memory
         traffic; consumers cast the few kept entries), else as float32."""
-        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else nullcontext()
+        ctx = torch.autocast(x_n_BD.device.type, dtype=torch.bfloat16) if autocast else nullcontext()
         with torch.no_grad(), ctx:
             pre = (x_n_BD - self.b_dec_D) @ self.W_enc_DF
         if keep_dtype:
@@ -182,7 +182,7 @@ class BatchTopKSAE(nn.Module):
         b_idx = torch.div(flat, n, rounding_mode="floor")
         f_idx = flat - b_idx * n
         counts = torch.bincount(b_idx, minlength=B)
-        offsets = torch.zeros(B, dtype=torch.long)
+        offsets = torch.zeros(B, dtype=torch.long, device=pre_BF.device)
         offsets[1:] = torch.cumsum(counts, 0)[:-1]
         return Selection(b_idx, f_idx, offsets)
 
@@ -243,9 +243,9 @@ class BatchTopKSAE(nn.Module):
         B = pre_BF.shape[0]
         top = torch.topk(pre_BF[:, dead_idx], k_aux, dim=1)
         f_idx = dead_idx[top.indices].reshape(-1)
-        b_idx = torch.arange(B).repeat_interleave(k_aux)
+        b_idx = torch.arange(B, device=pre_BF.device).repeat_interleave(k_aux)
         vals = _GatherPre.apply(self.W_enc_DF, self.b_dec_D, pre_BF, x_n_BD, b_idx, f_idx)
-        offsets = torch.arange(B) * k_aux
+        offsets = torch.arange(B, device=pre_BF.device) * k_aux
         recon = self._decode_sparse(f_idx, offsets, vals, self.W_dec_FD)
         residual = (x_n_BD - x_hat_n_BD).detach()
         return self.cfg.aux_coef * (recon - residual).pow(2).mean()
@@ -344,11 +344,11 @@ def orthogonality_penalty(W_dec_FD: Tensor, chunk: int = 4096, generator: torch.
     """
     n = W_dec_FD.shape[0]
     W = W_dec_FD / W_dec_FD.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    perm = torch.randperm(n, generator=generator) if n > chunk else torch.arange(n)
+    perm = (torch.randperm(n, generator=generator) if n > chunk else torch.arange(n)).to(W_dec_FD.device)
     total = W.new_zeros(())
     for start in range(0, n, chunk):
         idx = perm[start:start + chunk]
         Wc = W[idx]
-        cos = (Wc @ Wc.t()).masked_fill(torch.eye(len(idx), dtype=torch.bool), -1.0)
+        cos = (Wc @ Wc.t()).masked_fill(torch.eye(len(idx), dtype=torch.bool, device=Wc.device), -1.0)
         total = total + cos.max(dim=1).values.clamp_min(0).pow(2).sum()
     return total / n

@@ -75,6 +75,15 @@ class RunState:
     last_meta_mse: float = float("nan")
 
 
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; a named cuda device must exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device is {name!r} but no CUDA device is available; use 'cpu' or 'auto'")
+    return torch.device(name)
+
+
 def _adam(params, cfg: SAEConfig) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
@@ -110,14 +119,15 @@ class FanOutTrainer:
         self.rebuild_hint = rebuild_hint or f"delete {self.ckpt_root} and rerun the training stage"
         """What an IntegrityError on resume tells the user to run (the pipeline passes its command)."""
         self.autocast = train_cfg.autocast == "bfloat16"
+        self.device = resolve_device(train_cfg.device)
 
     # -- construction -------------------------------------------------------
     def _fresh_state(self, spec: RunSpec) -> RunState:
-        primary = BatchTopKSAE(self.sae_cfg, seed=spec.seed)
+        primary = BatchTopKSAE(self.sae_cfg, seed=spec.seed).to(self.device)
         st = RunState(spec, primary, _adam(primary.parameters(), self.sae_cfg))
         if spec.kind == "joint":
             mcfg = meta_sae_config(self.sae_cfg, self.meta_cfg, spec.meta_latents or None)
-            st.meta = BatchTopKSAE(mcfg, seed=spec.seed + 7919)
+            st.meta = BatchTopKSAE(mcfg, seed=spec.seed + 7919).to(self.device)
             st.meta_opt = _adam(st.meta.parameters(), mcfg)
         if spec.kind == "ortho":
             st.generator = torch.Generator().manual_seed(spec.seed + 104729)
@@ -214,7 +224,7 @@ class FanOutTrainer:
                                         f"expected (batch, {self.sae_cfg.d_in}) to match sae.d_in")
                 if x.shape[0] != B:
                     raise TrainingError(f"batch at step {step} has {x.shape[0]} rows; expected train.batch_size={B}")
-                x = x.float()
+                x = x.to(self.device, non_blocking=True).float()
                 if not bool(torch.isfinite(x).all()):
                     raise TrainingError(f"non-finite activations in the training batch at step {step}")
                 x_norm = states[0].primary.standardize(x) if share_norm else None

@@ -260,3 +260,17 @@ def test_nonfinite_loss_stops_with_stage_and_step():
     data[2 * B + 3, 0] = float("nan")
     with pytest.raises(TrainingError, match="step 2"):
         trainer.train(source(data), 4)
+
+
+def test_device_setting_is_checked_and_auto_trains_like_cpu():
+    with pytest.raises(ConfigError, match="train.device"):
+        TrainConfig(device="tpu").validate()
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            FanOutTrainer(SAE_CFG, META, TrainConfig(batch_size=B, device="cuda"), [RunSpec("solo")], progress=False)
+    runs = [RunSpec("joint", "joint", 0, 0.3, 1.0)]
+    data = sparse_data(6 * B)
+    a = FanOutTrainer(SAE_CFG, META, TrainConfig(batch_size=B), runs, progress=False).train(source(data), 6)
+    dev = "auto" if not torch.cuda.is_available() else "cpu"
+    b = FanOutTrainer(SAE_CFG, META, TrainConfig(batch_size=B, device=dev), runs, progress=False).train(source(data), 6)
+    assert torch.equal(a[0].primary.W_dec_FD, b[0].primary.W_dec_FD.cpu())

@@ -53,11 +53,17 @@ def _position_ids(mask_RT: torch.Tensor) -> torch.Tensor:
     return pos.clamp_min(0)
 
 
-def _forward_kwargs(tokens_RT: torch.Tensor, attention_mask_RT: torch.Tensor | None) -> dict[str, Any]:
-    kw: dict[str, Any] = {"input_ids": tokens_RT}
+def _model_device(loaded: LoadedModel) -> torch.device:
+    return next(loaded.model.parameters()).device
+
+
+def _forward_kwargs(tokens_RT: torch.Tensor, attention_mask_RT: torch.Tensor | None,
+                    device: torch.device | None = None) -> dict[str, Any]:
+    """Model inputs, on the model's device (the model may sit on a GPU; tokens live on the CPU)."""
+    kw: dict[str, Any] = {"input_ids": tokens_RT.to(device)}
     if attention_mask_RT is not None:
-        kw["attention_mask"] = attention_mask_RT.long()
-        kw["position_ids"] = _position_ids(attention_mask_RT)
+        kw["attention_mask"] = attention_mask_RT.long().to(device)
+        kw["position_ids"] = _position_ids(attention_mask_RT).to(device)
     kw["use_cache"] = False
     return kw
 
@@ -69,10 +75,12 @@ def read_resid_pre(loaded: LoadedModel, layer: int, tokens_RT: torch.Tensor,
     check_site(loaded, layer, tokens_RT.shape[-1])
     nn = _nn(loaded)
     block = _block_envoy(loaded, layer)
-    with nn.trace(**_forward_kwargs(tokens_RT, attention_mask_RT)) as tracer:
+    with nn.trace(**_forward_kwargs(tokens_RT, attention_mask_RT, _model_device(loaded))) as tracer:
         acts = block.input.save()
         tracer.stop()
     acts = acts.value if hasattr(acts, "value") else acts
+    if isinstance(acts, torch.Tensor):
+        acts = acts.cpu()
     if not isinstance(acts, torch.Tensor) or acts.shape[:2] != tokens_RT.shape:
         raise RuntimeError(f"resid_pre of block {layer} has shape {getattr(acts, 'shape', None)}, "
                            f"expected {tuple(tokens_RT.shape)} x d")
@@ -107,7 +115,7 @@ def _patched_logits(loaded: LoadedModel, layer: int, tokens_RT: torch.Tensor, at
                     valid_RT: torch.Tensor, patch: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
     nn = _nn(loaded)
     block = _block_envoy(loaded, layer)
-    with nn.trace(**_forward_kwargs(tokens_RT, attn_RT)):
+    with nn.trace(**_forward_kwargs(tokens_RT, attn_RT, _model_device(loaded))):
         if patch is not None:
             x_RTD = block.input
             new_RTD = x_RTD.clone()
@@ -117,7 +125,7 @@ def _patched_logits(loaded: LoadedModel, layer: int, tokens_RT: torch.Tensor, at
             block.input = new_RTD
         logits = nn.output.save()
     logits = logits.value if hasattr(logits, "value") else logits
-    return (logits.logits if hasattr(logits, "logits") else logits[0]).float()
+    return (logits.logits if hasattr(logits, "logits") else logits[0]).float().cpu()
 
 
 def ce_with_splice(loaded: LoadedModel, layer: int, tokens_RT: torch.Tensor, mask_RT: torch.Tensor,
