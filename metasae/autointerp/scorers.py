@@ -30,8 +30,8 @@ from metasae.autointerp.contexts import Example, LatentContexts, example_text
 from metasae.autointerp.llm import Completion, LLMFailure
 
 HIGHLIGHT_FRAC = 0.3
-BINARY_MAX_TOKENS = 4
-SIMULATION_MIN_TOKENS = 200
+BINARY_MAX_TOKENS = 1  # the answer is read from the first token's log-probabilities (text as fallback)
+SIMULATION_MIN_TOKENS = 32
 
 
 # ---------------------------------------------------------------------------
@@ -285,7 +285,8 @@ def score_simulation(client: Any, explanation: str, ctx: LatentContexts, rng: np
                      cfg: Any = None) -> dict[str, Any]:
     """The paper's code: Spearman rho between actual and predicted 0-10 activations of the held-out set."""
     exs = ctx.simulation
-    max_tokens = max(SIMULATION_MIN_TOKENS, int(getattr(cfg, "max_new_tokens", 0) or 0))
+    # a JSON array of n integers 0-10 takes about 3n tokens; a model that rambles is cut there
+    max_tokens = max(SIMULATION_MIN_TOKENS, 4 * len(exs) + 16, int(getattr(cfg, "max_new_tokens", 0) or 0))
     try:
         comp = client.generate(simulation_messages(explanation, exs), max_tokens, temperature=0.0)
     except LLMFailure as e:
