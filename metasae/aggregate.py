@@ -62,7 +62,7 @@ def paired_by_seed(rows_by_seed: dict[int, list[dict[str, Any]]], a: str, b: str
     Returns n, the per-seed values, mean difference (a - b), its standard error,
     t and the two-sided p (nan when fewer than two seeds).
     """
-    from scipy.stats import ttest_rel
+    from metasae.metrics.cooccurrence import paired_seed_test
 
     va, vb, seeds = [], [], []
     for s in sorted(rows_by_seed):
@@ -76,15 +76,9 @@ def paired_by_seed(rows_by_seed: dict[int, list[dict[str, Any]]], a: str, b: str
         va.append(float(x))
         vb.append(float(y))
         seeds.append(s)
-    diff = np.asarray(va) - np.asarray(vb)
-    mean_d, se_d, n = mean_se(diff)
-    if n >= 2 and np.ptp(diff) > 0:
-        res = ttest_rel(va, vb)
-        t, p = float(res.statistic), float(res.pvalue)
-    else:
-        t = p = float("nan")
-    return {"a": a, "b": b, "metric": metric, "n": n, "seeds": seeds, "values_a": va, "values_b": vb,
-            "mean_diff": mean_d, "se_diff": se_d, "t": t, "p": p}
+    res = paired_seed_test(va, vb)
+    return {"a": a, "b": b, "metric": metric, "n": res.n, "seeds": seeds, "values_a": va, "values_b": vb,
+            "mean_diff": res.mean_diff, "se_diff": res.se, "t": res.t, "p": res.p}
 
 
 def matched_reconstruction(rows: list[dict[str, Any]], target_delta_l2: float, role: str,
