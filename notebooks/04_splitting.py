@@ -76,7 +76,7 @@ cases = [c for c in cands if len(c["children"]) >= 2][:n_cases]
 cache = pipeline.ensure_activations(ctx, progress=False)
 client = make_client(ctx.profile.autointerp, cache_dir=ctx.out / "llm_cache")
 adir = paths.seed_dir(ctx.out, seed) / "autointerp_splitting"
-md_lines, html_parts = [], []
+case_rows, html_parts = [], []
 for c in cases:
     parent, kids = c["parent"], [ch["child"] for ch in c["children"][:3]]
     cp = pipeline._contexts_for(ctx, seed, "solo", [parent], cache, lm.tokenizer)
@@ -87,28 +87,26 @@ for c in cases:
                        seed=seed, random_baseline=False, progress=False)
     entries = [("solo", parent, rp, cp[parent], 1.0)] + [
         (selected, k, r, ck[k], ch["phi"]) for k, r, ch in zip(kids, rk, c["children"])]
-    md_lines.append(f"### Solo latent {parent} (dominant token {c.get('dominant_token')!r})\n")
-    md_lines.append("| SAE | latent | explanation | simulation score | cross-phi to parent | top context |")
-    md_lines.append("|---|---|---|---|---|---|")
     html_parts.append(f"<h4>Solo latent {parent}</h4><table><tr><th>SAE</th><th>latent</th><th>explanation</th>"
                       f"<th>score</th><th>φ to parent</th><th>top contexts</th></tr>")
     for sae_name, lat, rec, lc, phi in entries:
         exs = (lc.explain[:2] if lc.ok else [])
         top = " / ".join(example_text(e, mark_final=True).replace("|", "/") for e in exs)
         sc = rec["scores"].get("simulation")
-        md_lines.append(f"| {sae_name} | {lat} | {rec.get('explanation')} | {sc} | {phi:.3f} | {top} |")
+        case_rows.append({"parent": parent, "dominant_token": c.get("dominant_token"), "sae": sae_name,
+                          "latent": lat, "explanation": rec.get("explanation"), "simulation_score": sc,
+                          "cross_phi_to_parent": phi, "top_contexts": top})
         html_parts.append(f"<tr><td>{sae_name}</td><td>{lat}</td><td>{html.escape(str(rec.get('explanation')))}</td>"
                           f"<td>{sc}</td><td>{phi:.3f}</td><td>{html.escape(top)}</td></tr>")
     html_parts.append("</table>")
-    md_lines.append("")
 display(HTML("".join(html_parts) or "<p>No solo latent with two or more children at this size.</p>"))
 
 # %%
-from metasae.io import atomic_write_text
-
-case_md = ctx.out / "tables" / f"splitting_cases_seed{seed}.md"
-atomic_write_text(case_md, f"Splitting case studies ({selected} vs solo, seed {seed})\n\n" + "\n".join(md_lines))
-print(case_md)
+save_table(case_rows, f"splitting_cases_seed{seed}", ctx.out,
+           caption=f"Splitting case studies ({selected} vs solo, seed {seed}): each solo parent (first row of its "
+                   f"group) and its joint children, with explanation, simulation score, cross-phi to the parent "
+                   f"(1 for the parent itself) and top contexts (<<firing token>>)")
+pd.DataFrame(case_rows)
 
 # %% [markdown]
 # ## Summary: 2nd-highest cross-φ, solo→joint vs solo→independent solo
