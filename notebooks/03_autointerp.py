@@ -26,7 +26,9 @@
 # * **detection**: activating vs random contexts; balanced accuracy.
 #
 # Each scorer also scores a random explanation, so the table shows whether the
-# judge beats chance. On the default profile the judge is SmolLM2-135M-Instruct
+# judge beats chance. For the binary scorers the area under the ROC curve of the
+# judge's log-odds (`fuzz_auc`, `detection_auc`; chance 0.5) is reported too: it
+# stays informative when a weak judge answers "1" to everything. On the default profile the judge is SmolLM2-135M-Instruct
 # (offline); on the paper profiles an OpenAI-compatible server (e.g. vLLM with
 # Qwen2.5-72B-Instruct-AWQ).
 
@@ -67,7 +69,7 @@ if run_it:
     for p, rj, rs in zip(res["pairs"], res["records_joint"], res["records_solo"]):
         row = {"joint_latent": p["joint"], "solo_latent": p["solo"], "cosine": p["cosine"],
                "joint_explanation": rj.get("explanation"), "solo_explanation": rs.get("explanation")}
-        for s in cfg.scorers:
+        for s in sorted(set(rj["scores"]) | set(rs["scores"])):
             row[f"joint_{s}"] = rj["scores"].get(s)
             row[f"solo_{s}"] = rs["scores"].get(s)
         per_pair.append(row)

@@ -566,3 +566,16 @@ def test_hf_local_smollm2_one_prompt():
     assert {"0", "1"} <= set(out.first_token_logprobs)  # the judge's answers are always reported
     both = client.generate_batch([msgs, [{"role": "user", "content": "Say 1."}]], 4)
     assert len(both) == 2 and both[0].text.lower().startswith(out.text.lower()[:4])
+
+
+def test_roc_auc_and_log_odds():
+    from metasae.autointerp.llm import Completion
+    from metasae.autointerp.scorers import binary_log_odds, roc_auc
+
+    assert roc_auc([1, 1, 0, 0], [2.0, 1.0, 0.5, -1.0]) == 1.0
+    assert roc_auc([1, 1, 0, 0], [-1.0, 0.5, 1.0, 2.0]) == 0.0
+    assert roc_auc([1, 0], [1.0, 1.0]) == 0.5
+    assert roc_auc([1, 1], [1.0, 2.0]) is None and roc_auc([1, 0], [None, 1.0]) is None
+    c = Completion("1", {"1": -0.1, " 1": -3.0, "0": -2.5})
+    assert binary_log_odds(c) == pytest.approx(np.logaddexp(-0.1, -3.0) + 2.5)
+    assert binary_log_odds(Completion("1", None)) is None and binary_log_odds("1") is None

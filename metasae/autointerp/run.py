@@ -123,6 +123,8 @@ def score_latents(sae_name: str, latents: Sequence[int], contexts: dict[int, Lat
         for s in scorers:
             res = SCORERS[s](client, expl, ctx, np.random.default_rng([seed, i, 2]), cfg)
             rec["scores"][s] = res["score"]
+            if "auc" in res:  # binary scorers: the threshold-free companion score
+                rec["scores"][f"{s}_auc"] = res["auc"]
             rec["details"][s] = res
             if res.get("failed"):
                 rec["n_failed"] += 1
@@ -130,6 +132,8 @@ def score_latents(sae_name: str, latents: Sequence[int], contexts: dict[int, Lat
             if random_baseline:
                 rres = SCORERS[s](client, rec["random_explanation"], ctx, np.random.default_rng([seed, i, 2]), cfg)
                 rec["random_scores"][s] = rres["score"]
+                if "auc" in rres:
+                    rec["random_scores"][f"{s}_auc"] = rres["auc"]
                 rec["details"][f"{s}_random"] = rres
                 if rres.get("failed"):
                     rec["n_failed"] += 1

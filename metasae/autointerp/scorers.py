@@ -101,6 +101,36 @@ def parse_binary(comp: Completion | str | None) -> int | None:
     return None
 
 
+def binary_log_odds(comp: Completion | str | None) -> float | None:
+    """log P("1") - log P("0") of the first answer token, when the backend gives log-probabilities."""
+    if comp is None or isinstance(comp, str) or not comp.first_token_logprobs:
+        return None
+    by: dict[str, list[float]] = {"1": [], "0": []}
+    for tok, v in comp.first_token_logprobs.items():
+        k = tok.strip()
+        if k in by and v is not None and not math.isnan(v):
+            by[k].append(float(v))
+    l1, l0 = _logsumexp(by["1"]), _logsumexp(by["0"])
+    if l1 == -math.inf and l0 == -math.inf:
+        return None
+    return l1 - l0
+
+
+def roc_auc(labels: Sequence[int], scores: Sequence[float | None]) -> float | None:
+    """Area under the ROC curve of `scores` for `labels` (ties count one half); None if a class
+    is absent or a score is missing.  Threshold-free, so a judge whose answers lean to one side
+    (balanced accuracy stuck at 0.5) still shows whether it ranks real above wrong examples."""
+    if any(x is None for x in scores):
+        return None
+    y = np.asarray(labels, dtype=int)
+    x = np.asarray(scores, dtype=float)
+    pos, neg = x[y == 1], x[y == 0]
+    if not len(pos) or not len(neg):
+        return None
+    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(greater / (len(pos) * len(neg)))
+
+
 def balanced_accuracy(labels: Sequence[int], preds: Sequence[int | None]) -> float | None:
     """Mean of the per-class recalls; an unparsed prediction (None) counts as wrong.
 
@@ -265,8 +295,10 @@ def _binary_score(client: Any, explanation: str, items: list[tuple[str, int]],
         return {"score": None, "failed": True, "error": str(fails[0]), "n": len(items), "n_failed_prompts": len(fails),
                 "labels": labels}
     preds = [parse_binary(o) for o in outs]
-    return {"score": balanced_accuracy(labels, preds), "failed": False, "n": len(items),
-            "n_unparsed": sum(p is None for p in preds), "labels": labels, "preds": preds}
+    odds = [binary_log_odds(o) for o in outs]
+    return {"score": balanced_accuracy(labels, preds), "auc": roc_auc(labels, odds), "failed": False,
+            "n": len(items), "n_unparsed": sum(p is None for p in preds), "labels": labels, "preds": preds,
+            "log_odds": odds}
 
 
 def score_fuzz(client: Any, explanation: str, ctx: LatentContexts, rng: np.random.Generator,
