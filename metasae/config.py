@@ -592,7 +592,7 @@ def _fmt(x: float) -> str:
 def _registry_spec(model_name: str) -> Any:
     """The registry's ModelSpec for `model_name`, or None (unknown name, or registry not importable)."""
     try:
-        from metasae.activations.models import MODEL_REGISTRY  # noqa: WPS433
+        from metasae.activations.registry import MODEL_REGISTRY  # noqa: WPS433
     except Exception:  # registry not importable: the profile must state d_in
         return None
     return MODEL_REGISTRY.get(model_name)

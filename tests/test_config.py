@@ -333,3 +333,19 @@ def test_profile_dir_holds_only_toml_files_that_validate():
     for f in Path(PROFILE_DIR).iterdir():
         if f.suffix == ".toml":
             load_profile(f)
+
+
+def test_profiles_validate_without_torch():
+    """run_all.sh checks the profile with whatever Python exists before setup (no torch there yet):
+    validation, including the registry's model widths and depths, must not import torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from metasae.config import load_profile; "
+            "[load_profile(p) for p in ('smoke', 'default', 'gpt2-large', 'gemma-2-9b')]; "
+            "assert load_profile('default').sae.d_in == 576; "
+            "assert 'torch' not in sys.modules, 'profile validation imported torch'")
+    root = __import__("pathlib").Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
