@@ -184,16 +184,6 @@ def thresholds_for(ctx: RunContext, seed: int, name: str, run: TrainedRun, cache
     return res
 
 
-def _batchtopk_mse(sae, cache, batch_size: int) -> float:
-    tot, n = 0.0, 0
-    for x in cache.valid_acts("phi", batch_size):
-        if x.shape[0] < batch_size:
-            break
-        tot += sae.mse_standardized(x, batch_topk=True) * x.shape[0]
-        n += x.shape[0]
-    return tot / max(n, 1)
-
-
 def _ce_rows(ctx: RunContext, cache) -> tuple[torch.Tensor, torch.Tensor]:
     d = ctx.profile.data
     tokens, mask = cache.tokens("phi"), cache.mask("phi")
@@ -208,7 +198,7 @@ def evaluate_seed(ctx: RunContext, seed: int, progress: bool = True) -> dict[str
     rates); a rerun loads it.  CE (a spliced forward of the model) is computed
     for the solo, grid and control runs when ``data.ce_tokens`` > 0.
     """
-    from metasae.metrics.cooccurrence import CoFiringCounts, PhiSummary, accumulate_counts, phi_summary
+    from metasae.metrics.cooccurrence import CoFiringCounts, PhiSummary, phi_summary
     from metasae.metrics.recon import ce_summary, reconstruction_metrics
 
     mdir = metrics_dir(ctx, seed)
@@ -225,38 +215,25 @@ def evaluate_seed(ctx: RunContext, seed: int, progress: bool = True) -> dict[str
     for nm in _bar(names, "EER thresholds", progress):
         thr[nm] = thresholds_for(ctx, seed, nm, trained[nm], cache)
     ev: dict[str, dict[str, Any]] = {}
-    for nm in _bar(names, "reconstruction", progress):
-        run = trained[nm]
-        rec = reconstruction_metrics(run.sae, cache.valid_acts("phi", B), thresholds=thr[nm])
+    # one encoder pass per SAE over the phi split, in batches of the training size: reconstruction
+    # (EER rule and BatchTopK rule), firing statistics and the exact co-firing counts together
+    for nm in _bar(names, "reconstruction + co-firing", progress):
+        run = trained[nm].sae
+        counts = CoFiringCounts(run.cfg.n_latents)
+        rec = reconstruction_metrics(run, cache.valid_acts("phi", B), thresholds=thr[nm], counts=counts)
         rates = rec.pop("firing_rates")
         rec.pop("firing_counts")
         atomic_write_json(mdir / nm / "firing_rates.json", {"firing_rates": [float(r) for r in rates]})
-        rec["mse_batchtopk"] = _batchtopk_mse(run.sae, cache, B)
         rec["eer_fallbacks"] = thr[nm].counts_by_fallback()
         rec["eer_max_value"] = float(thr[nm].max_value)
-        rec["run"] = dataclasses.asdict(run.spec)
+        rec["run"] = dataclasses.asdict(trained[nm].spec)
+        s: PhiSummary = phi_summary(counts)
+        del counts
+        atomic_write_json(mdir / nm / "phi_summary.json", s.to_dict())
+        rec.update({"mean_abs_phi": s.mean_abs_phi, "n_pairs": s.n_pairs, "n_alive_phi": s.n_alive,
+                    "n_never_fired": s.n_never_fired, "n_always_fired": s.n_always_fired,
+                    "var_abs_phi": s.var_abs_phi, "mean_phi": s.mean_phi})
         ev[nm] = rec
-    # all within-SAE co-firing counts from one pass over the phi split, in memory-bounded groups
-    budget = 4 << 30
-    groups, cur, used = [], [], 0
-    for nm in names:
-        need = CoFiringCounts.bytes_needed(trained[nm].sae.cfg.n_latents)
-        if cur and used + need > budget:
-            groups.append(cur)
-            cur, used = [], 0
-        cur.append(nm)
-        used += need
-    groups.append(cur)
-    for grp in groups:
-        models = {nm: (trained[nm].sae, thr[nm]) for nm in grp}
-        counts = accumulate_counts(_bar(cache.valid_acts("phi", 16384), f"co-firing ({len(grp)} SAEs)", progress),
-                                   models, within=grp)
-        for nm in grp:
-            s: PhiSummary = phi_summary(counts[nm])
-            atomic_write_json(mdir / nm / "phi_summary.json", s.to_dict())
-            ev[nm].update({"mean_abs_phi": s.mean_abs_phi, "n_pairs": s.n_pairs, "n_alive_phi": s.n_alive,
-                           "n_never_fired": s.n_never_fired, "n_always_fired": s.n_always_fired,
-                           "var_abs_phi": s.var_abs_phi, "mean_phi": s.mean_phi})
     # CE with the SAE spliced in
     if ctx.profile.data.ce_tokens > 0:
         from metasae.activations.harvest import ce_with_splices

@@ -268,19 +268,47 @@ class BatchTopKSAE(nn.Module):
         return pre * (pre > th)
 
     @torch.no_grad()
+    def decode_acts(self, acts_BF: Tensor) -> Tensor:
+        """acts @ W_dec + b_dec (standardised space) from a dense but sparse-valued activation
+        matrix, as a gather over its nonzeros: cost L0 * B * d instead of a B x n x d GEMM."""
+        B = acts_BF.shape[0]
+        b_idx, f_idx = acts_BF.nonzero(as_tuple=True)
+        counts = torch.bincount(b_idx, minlength=B)
+        offsets = torch.zeros(B, dtype=torch.long, device=acts_BF.device)
+        offsets[1:] = torch.cumsum(counts, 0)[:-1]
+        return self._decode_sparse(f_idx, offsets, acts_BF[b_idx, f_idx], self.W_dec_FD) + self.b_dec_D
+
+    @torch.no_grad()
     def reconstruct(self, x_BD: Tensor, thresholds_F: Tensor | None = None, batch_topk: bool = False) -> Tensor:
         """Reconstruction in raw space under the chosen inference rule."""
         x = x_BD.float()
         _, mu, std = self.standardize(x)
-        acts = self.encode(x, thresholds_F, batch_topk)
-        return self.unstandardize(acts @ self.W_dec_FD + self.b_dec_D, mu, std)
+        return self.unstandardize(self.decode_acts(self.encode(x, thresholds_F, batch_topk)), mu, std)
 
     @torch.no_grad()
     def mse_standardized(self, x_BD: Tensor, thresholds_F: Tensor | None = None, batch_topk: bool = False) -> float:
         x = x_BD.float()
         x_n, _, _ = self.standardize(x)
-        acts = self.encode(x, thresholds_F, batch_topk)
-        return float((acts @ self.W_dec_FD + self.b_dec_D - x_n).pow(2).mean())
+        return float((self.decode_acts(self.encode(x, thresholds_F, batch_topk)) - x_n).pow(2).mean())
+
+    @torch.no_grad()
+    def evaluate_batch(self, x_BD: Tensor, thresholds_F: Tensor | None = None) -> dict[str, Tensor]:
+        """Everything the evaluation needs from one encoder pass over a batch.
+
+        ``fired_BF`` (pre > threshold), the reconstruction ``x_hat_BD`` (raw space)
+        and the summed squared error in standardised space under the threshold
+        rule (``sse_threshold``) and under the training rule, BatchTopK over this
+        batch (``sse_batchtopk``).
+        """
+        x = x_BD.float()
+        x_n, mu, std = self.standardize(x)
+        pre = self._pre_from_normalized(x_n)
+        th = thresholds_F if thresholds_F is not None else self.threshold.clamp_min(0)
+        fired = pre > th
+        x_hat_n = self.decode_acts(pre * fired)
+        btk_n = self.decode_acts(pre * self.batch_topk_mask(pre))
+        return {"fired_BF": fired, "x_hat_BD": self.unstandardize(x_hat_n, mu, std),
+                "sse_threshold": (x_hat_n - x_n).pow(2).sum(), "sse_batchtopk": (btk_n - x_n).pow(2).sum()}
 
     # -- decoder geometry -------------------------------------------------
     @torch.no_grad()

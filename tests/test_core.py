@@ -274,3 +274,20 @@ def test_device_setting_is_checked_and_auto_trains_like_cpu():
     dev = "auto" if not torch.cuda.is_available() else "cpu"
     b = FanOutTrainer(SAE_CFG, META, TrainConfig(batch_size=B, device=dev), runs, progress=False).train(source(data), 6)
     assert torch.equal(a[0].primary.W_dec_FD, b[0].primary.W_dec_FD.cpu())
+
+
+def test_evaluate_batch_matches_the_separate_inference_paths():
+    sae = BatchTopKSAE(SAE_CFG, seed=4)
+    with torch.no_grad():
+        sae.threshold.fill_(0.5)
+        sae.b_dec_D.normal_(generator=torch.Generator().manual_seed(2))
+    x = sparse_data(B, seed=8)
+    th = torch.rand(N, generator=torch.Generator().manual_seed(3))
+    out = sae.evaluate_batch(x, th)
+    assert torch.equal(out["fired_BF"], sae.pre_acts(x) > th)
+    torch.testing.assert_close(out["x_hat_BD"], sae.reconstruct(x, th))
+    dense = sae.encode(x, th) @ sae.W_dec_FD + sae.b_dec_D  # the dense GEMM the sparse decode replaces
+    x_n = sae.standardize(x)[0]
+    torch.testing.assert_close(out["sse_threshold"] / x.numel(), (dense - x_n).pow(2).mean(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(float(out["sse_batchtopk"]) / x.numel(), sae.mse_standardized(x, batch_topk=True),
+                               rtol=1e-5, atol=1e-7)

@@ -422,3 +422,23 @@ def test_with_real_sae_class():
     assert m["n_tokens"] == 200 and m["mse"] >= 0 and 0 <= m["dead"] <= 32
     c = CoFiringCounts(32).update_many(fired_indices(sae, xs, r))
     assert c.N == 200 and c.N_i.sum() == round(m["l0"] * 200)
+
+
+def test_fused_reconstruction_pass_counts_cofiring_exactly():
+    import torch
+
+    from metasae.config import SAEConfig
+    from metasae.metrics.cooccurrence import CoFiringCounts, accumulate_counts
+    from metasae.metrics.recon import reconstruction_metrics
+    from metasae.sae import BatchTopKSAE
+
+    sae = BatchTopKSAE(SAEConfig(d_in=16, n_latents=40, k=3), seed=1)
+    with torch.no_grad():
+        sae.threshold.fill_(0.2)
+    xs = [torch.randn(32, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    counts = CoFiringCounts(40)
+    rec = reconstruction_metrics(sae, xs, counts=counts)
+    ref = accumulate_counts(xs, {"s": (sae, None)}, within=["s"])["s"]
+    assert counts.N == ref.N == 96
+    assert np.array_equal(counts.N_i, ref.N_i) and np.array_equal(counts.N11_packed, ref.N11_packed)
+    assert "mse_batchtopk" in rec and rec["l0"] == pytest.approx(counts.N_i.sum() / 96)

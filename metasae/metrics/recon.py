@@ -24,19 +24,26 @@ from metasae.metrics.cooccurrence import resolve_thresholds, _module_device
 
 @torch.no_grad()
 def reconstruction_metrics(sae, batches: Iterable[torch.Tensor], thresholds=None,
-                           max_tokens: int | None = None) -> dict:
+                           max_tokens: int | None = None, counts=None) -> dict:
     """MSE, explained variance, L0, dead latents, firing rates and norms of ``sae`` on ``batches``.
 
     ``thresholds``: None (the SAE's global threshold), an EERResult, or a per-latent array.
     Per-latent thresholds are passed to ``sae.reconstruct`` / ``sae.mse_standardized``.
+    An SAE with ``evaluate_batch`` (metasae's BatchTopKSAE) is read with one
+    encoder pass per batch, which also gives ``mse_batchtopk`` (the training
+    rule over each batch: pass batches of the training batch size) and, when
+    ``counts`` (a CoFiringCounts) is given, accumulates its co-firing counts.
     """
+    from metasae.metrics.cooccurrence import _chunk_from_torch
+
     device = _module_device(sae)
     theta = resolve_thresholds(sae, thresholds).to(device)
     thr_arg = None if thresholds is None else theta
+    fused = hasattr(sae, "evaluate_batch")
     n_lat = int(sae.cfg.n_latents)
     fire_counts = torch.zeros(n_lat, dtype=torch.int64)
     n_tok = 0
-    sse_std = 0.0
+    sse_std = sse_btk = 0.0
     n_elem = 0
     rss = 0.0
     s1 = None
@@ -49,10 +56,18 @@ def reconstruction_metrics(sae, batches: Iterable[torch.Tensor], thresholds=None
             x = x[:max_tokens - n_tok]
         x = x.to(device=device, dtype=torch.float32)
         B, D = x.shape
-        fired = sae.pre_acts(x) > theta
+        if fused:
+            out = sae.evaluate_batch(x, theta)
+            fired, x_hat = out["fired_BF"], out["x_hat_BD"].float()
+            sse_std += float(out["sse_threshold"])
+            sse_btk += float(out["sse_batchtopk"])
+        else:
+            fired = sae.pre_acts(x) > theta
+            x_hat = sae.reconstruct(x, thr_arg).float()
+            sse_std += float(sae.mse_standardized(x, thr_arg)) * B * D
         fire_counts += fired.sum(0).cpu()
-        x_hat = sae.reconstruct(x, thr_arg).float()
-        sse_std += float(sae.mse_standardized(x, thr_arg)) * B * D
+        if counts is not None:
+            counts.update(_chunk_from_torch(fired.cpu()))
         n_elem += B * D
         x64 = x.double()
         rss += float(((x64 - x_hat.double()) ** 2).sum())
@@ -64,20 +79,23 @@ def reconstruction_metrics(sae, batches: Iterable[torch.Tensor], thresholds=None
     if n_tok == 0:
         raise ValueError("no tokens: the activation stream was empty")
     tss = s2 - float((s1 ** 2).sum()) / n_tok
-    counts = fire_counts.numpy()
-    return {
+    fc = fire_counts.numpy()
+    out = {
         "n_tokens": n_tok,
         "mse": sse_std / n_elem,
         "explained_variance": 1.0 - rss / tss if tss > 0 else float("nan"),
-        "l0": float(counts.sum()) / n_tok,
-        "dead": int((counts == 0).sum()),
-        "frac_alive": float((counts > 0).mean()),
-        "firing_counts": counts,
-        "firing_rates": counts / n_tok,
+        "l0": float(fc.sum()) / n_tok,
+        "dead": int((fc == 0).sum()),
+        "frac_alive": float((fc > 0).mean()),
+        "firing_counts": fc,
+        "firing_rates": fc / n_tok,
         "mean_norm_x": norm_x / n_tok,
         "mean_norm_x_hat": norm_hat / n_tok,
         "threshold_rule": "global" if thresholds is None else "per_latent",
     }
+    if fused:
+        out["mse_batchtopk"] = sse_btk / n_elem
+    return out
 
 
 def delta_pct(joint: float, solo: float) -> float:
