@@ -380,12 +380,21 @@ def autointerp_seed(ctx: RunContext, seed: int, joint: str | None = None, progre
     cfg = ctx.profile.autointerp
     joint = joint or selected_config(ctx, seed)
     match = matched_pairs(ctx, seed, joint)
+    # like the paper's code, score only pairs whose latents both fire often enough on the autointerp
+    # split to fill every context set (estimated from the phi split's firing rates, with a margin)
+    from metasae.autointerp.contexts import requirement
+
+    cache = ensure_activations(ctx, progress=False)
+    T, W = ctx.profile.data.ctx_len, cfg.window
+    need = 1.25 * 5 * max(requirement(cfg))
+    expected = cache.n_valid("autointerp") * max(T - W + 1, 1) / T
+    rj, rs = load_firing_rates(ctx, seed, joint), load_firing_rates(ctx, seed, "solo")
+    eligible = np.nonzero(np.minimum(rj[match.idx_a], rs[match.idx_b]) * expected >= need)[0]
     rng = np.random.default_rng([seed, 17])
-    n = min(cfg.n_pairs, len(match))
-    pick = np.sort(rng.choice(len(match), size=n, replace=False)) if n else np.array([], dtype=int)
+    n = min(cfg.n_pairs, len(eligible))
+    pick = np.sort(rng.choice(eligible, size=n, replace=False)) if n else np.array([], dtype=int)
     lj = [int(match.idx_a[i]) for i in pick]
     ls = [int(match.idx_b[i]) for i in pick]
-    cache = ensure_activations(ctx, progress=False)
     tokenizer = loaded_model(ctx).tokenizer
     ctx_j = _contexts_for(ctx, seed, joint, lj, cache, tokenizer)
     ctx_s = _contexts_for(ctx, seed, "solo", ls, cache, tokenizer)
@@ -394,7 +403,7 @@ def autointerp_seed(ctx: RunContext, seed: int, joint: str | None = None, progre
     rec_j = score_latents(joint, lj, ctx_j, client, cfg, adir, seed=seed, progress=progress)
     rec_s = score_latents("solo", ls, ctx_s, client, cfg, adir, seed=seed, progress=progress)
     summary = summarize_pairs(rec_j, rec_s)
-    out = {"joint": joint, "n_matched_alive": len(match), "n_pairs_scored": n,
+    out = {"joint": joint, "n_matched_alive": len(match), "n_pairs_eligible": int(len(eligible)), "n_pairs_scored": n,
            "pairs": [{"joint": a, "solo": b, "cosine": float(match.cosine[i])} for a, b, i in zip(lj, ls, pick)],
            "records_joint": rec_j, "records_solo": rec_s, "summary": summary,
            "n_failed": count_failed(rec_j) + count_failed(rec_s)}

@@ -54,7 +54,8 @@ print(f"judge: {cfg.backend} / {cfg.model}; scorers: {cfg.scorers}; autointerp f
 # %%
 if run_it:
     res = pipeline.autointerp_seed(ctx, seed)
-    print(f"{res['n_matched_alive']} matched alive pairs; {res['n_pairs_scored']} scored; "
+    print(f"{res['n_matched_alive']} matched alive pairs, {res['n_pairs_eligible']} with enough firings for every "
+          f"context set; {res['n_pairs_scored']} scored; "
           f"{res['n_failed']} LLM requests failed (recorded as missing)")
     summ = pd.DataFrame([{"scorer": s, **v} for s, v in res["summary"].items()])
     save_table(summ, f"autointerp_summary_seed{seed}", ctx.out,
@@ -82,7 +83,9 @@ if run_it:
 # ## Figure 2: density of scores, joint minus solo
 
 # %%
-if run_it:
+if run_it and not len(per_pair):
+    print("no matched pair has enough firings on the autointerp split for every context set: no Figure 2")
+if run_it and len(per_pair):
     fig, axes = plt.subplots(1, len(cfg.scorers), figsize=(4.5 * len(cfg.scorers), 3.4), squeeze=False)
     for ax, s in zip(axes[0], cfg.scorers):
         j = per_pair[f"joint_{s}"].dropna().astype(float)
