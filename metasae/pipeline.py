@@ -117,6 +117,9 @@ def train_seed(ctx: RunContext, seed: int, progress: bool = True) -> dict[str, T
     set_threads(ctx)
     runs = p.runs_for_seed(seed)
     root = ckpt_root(ctx, seed)
+    key = (str(root), seed)
+    if key in _TRAINED:  # finished runs load (and verify checksums) once per process
+        return _TRAINED[key]
     tr = read_trainer(root)
     if tr is None or not tr.get("complete"):
         cache = ensure_activations(ctx, progress=progress)
@@ -129,7 +132,11 @@ def train_seed(ctx: RunContext, seed: int, progress: bool = True) -> dict[str, T
         trainer = FanOutTrainer(p.sae, p.meta, p.train, runs, ckpt_root=root, progress=progress,
                                 desc=f"seed {seed}: {len(runs)} SAEs", rebuild_hint=_rebuild_hint(ctx, root))
         trainer.train(batches, n_steps)
-    return {r.name: load_trained_run(root, r.name, _rebuild_hint(ctx, root)) for r in runs}
+    _TRAINED[key] = {r.name: load_trained_run(root, r.name, _rebuild_hint(ctx, root)) for r in runs}
+    return _TRAINED[key]
+
+
+_TRAINED: dict[tuple[str, int], dict[str, TrainedRun]] = {}
 
 
 def _rebuild_hint(ctx: RunContext, folder: Path) -> str:

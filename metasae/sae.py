@@ -117,6 +117,13 @@ def _topk_flat_indices(pre_BF: Tensor, kk: int, sample_rows: int = 256, margin: 
     return cand[torch.topk(flat[cand], kk, sorted=False).indices]
 
 
+def _bag_offsets(b_idx_sorted: Tensor, B: int) -> Tensor:
+    """embedding_bag offsets (start of each token's entries) from token indices sorted ascending."""
+    offsets = torch.zeros(B, dtype=torch.long, device=b_idx_sorted.device)
+    offsets[1:] = torch.cumsum(torch.bincount(b_idx_sorted, minlength=B), 0)[:-1]
+    return offsets
+
+
 class BatchTopKSAE(nn.Module):
     """BatchTopK SAE.  Same seed -> identical initial weights (solo and joint)."""
 
@@ -183,10 +190,7 @@ class BatchTopKSAE(nn.Module):
         flat, _ = torch.sort(flat)
         b_idx = torch.div(flat, n, rounding_mode="floor")
         f_idx = flat - b_idx * n
-        counts = torch.bincount(b_idx, minlength=B)
-        offsets = torch.zeros(B, dtype=torch.long, device=pre_BF.device)
-        offsets[1:] = torch.cumsum(counts, 0)[:-1]
-        return Selection(b_idx, f_idx, offsets)
+        return Selection(b_idx, f_idx, _bag_offsets(b_idx, B))
 
     def batch_topk_mask(self, pre_BF: Tensor) -> Tensor:
         sel = self.select(pre_BF)
@@ -273,10 +277,7 @@ class BatchTopKSAE(nn.Module):
         matrix, as a gather over its nonzeros: cost L0 * B * d instead of a B x n x d GEMM."""
         B = acts_BF.shape[0]
         b_idx, f_idx = acts_BF.nonzero(as_tuple=True)
-        counts = torch.bincount(b_idx, minlength=B)
-        offsets = torch.zeros(B, dtype=torch.long, device=acts_BF.device)
-        offsets[1:] = torch.cumsum(counts, 0)[:-1]
-        return self._decode_sparse(f_idx, offsets, acts_BF[b_idx, f_idx], self.W_dec_FD) + self.b_dec_D
+        return self._decode_sparse(f_idx, _bag_offsets(b_idx, B), acts_BF[b_idx, f_idx], self.W_dec_FD) + self.b_dec_D
 
     @torch.no_grad()
     def reconstruct(self, x_BD: Tensor, thresholds_F: Tensor | None = None, batch_topk: bool = False) -> Tensor:
