@@ -40,6 +40,11 @@ SEEDS_ENV = "METASAE_SEEDS"
 PROFILE_ENV = "METASAE_PROFILE"
 INDEX_NAME = "artifacts.jsonl"
 
+PNG_METADATA: Mapping[str, None] = {"Software": None}
+"""PNG text chunks to drop (None removes matplotlib's default entry)."""
+PDF_METADATA: Mapping[str, None] = {"Creator": None, "Producer": None, "CreationDate": None, "ModDate": None}
+"""PDF info entries to drop: each would carry a version or the time of saving."""
+
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
@@ -52,17 +57,23 @@ def save_figure(fig: Any, name: str, figures_dir: str | Path, caption: str = "",
                 dpi: int = 150, index: str | Path | None = None) -> list[Path]:
     """Write ``fig`` (a matplotlib Figure) as PNG and PDF; return the two paths.
 
-    Metadata that changes on every run (creation date, software version) is
-    left out so that re-running a notebook on the same numbers gives the same files.
+    The bytes depend only on what is drawn: the PNG carries no text chunk
+    (matplotlib's default ``Software`` entry is removed) and the PDF no info
+    entry that changes between runs or versions (``Creator``, ``Producer``,
+    ``CreationDate``, ``ModDate``; ``SOURCE_DATE_EPOCH`` is then irrelevant).
+    matplotlib's PDF writer adds no file ``/ID``, names font subsets from a
+    hash of glyph indices (integers, which Python does not salt), and
+    ``svg.hashsalt`` only concerns SVG, which is not written here.  The same
+    figure therefore gives byte-identical files in any process
+    (``tests/test_report_determinism.py``).
     """
     _check_name(name)
     figures_dir = Path(figures_dir)
     paths = [figures_dir / f"{name}.png", figures_dir / f"{name}.pdf"]
     with atomic_path(paths[0]) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight", metadata={"Software": None})
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight", metadata=dict(PNG_METADATA))
     with atomic_path(paths[1]) as tmp:
-        fig.savefig(tmp, format="pdf", bbox_inches="tight",
-                    metadata={"CreationDate": None, "ModDate": None, "Producer": None, "Creator": None})
+        fig.savefig(tmp, format="pdf", bbox_inches="tight", metadata=dict(PDF_METADATA))
     _record("figure", name, paths, caption, index or _default_index(figures_dir))
     return paths
 
