@@ -2,11 +2,17 @@
 # Regenerate the paper's tables and figures.
 #
 #   bash run_all.sh [--profile NAME] [--seeds 0,1,2] [--out DIR] [--figures DIR] [--only NOTEBOOK]
+#                   [--jobs N]
 #
 # With no argument: profile "default" (the embedded SmolLM2 model on the offline
 # Debian corpus, CPU).  Sets up the environment on first use (scripts/setup_env.sh),
 # builds the offline corpus when absent, then runs the notebooks through
-# metasae.harness.  Bad input fails within seconds, before any setup.
+# metasae.harness.  Bad input fails within seconds, before any setup.  --jobs N (or
+# METASAE_JOBS=N) runs the seeds of each per-seed notebook N at a time.
+
+# First of all: the wall-clock origin of the whole run, environment setup included
+# (results.json: wall_s_total).  A caller may set it earlier.
+export METASAE_T0="${METASAE_T0:-$(date +%s.%N)}"
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

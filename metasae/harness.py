@@ -1,13 +1,29 @@
 """Run the notebooks that regenerate the paper's tables and figures.
 
     python -m metasae.harness --profile default --seeds 0,1,2 [--out DIR]
-        [--figures DIR] [--only NOTEBOOK] [--notebooks DIR] [--kernel NAME] [--check]
+        [--figures DIR] [--only NOTEBOOK] [--notebooks DIR] [--kernel NAME]
+        [--jobs N] [--check]
 
 The notebooks (``notebooks/*.py``, jupytext percent format) are the source of
 truth.  Each is converted with jupytext and executed with papermill in filename
 order; a notebook whose first lines hold ``# metasae: per-seed`` runs once per
 seed (parameter ``seed``), the others once (parameter ``seeds``, e.g. "0,1,2").
 Every notebook also gets ``profile``, ``out_dir`` and ``figures_dir``.
+
+``--jobs N`` (default ``$METASAE_JOBS``, else 1) runs the seeds of one
+per-seed notebook in up to N concurrent processes (each its own papermill and
+kernel); the next notebook starts only when every seed of the previous one has
+finished, and a failing seed stops the others and fails the run as a failing
+notebook does.  Each concurrent process gets ``METASAE_THREADS`` (and
+``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``) = max(1, CPUs // k), k the number of
+processes that actually run together (min(N, seeds)); with N = 1, or one seed,
+notebooks run one at a time in this process, with the environment untouched.
+
+Timing: ``results.json`` holds ``stages`` (per notebook: the wall seconds from
+its first start to its last end, and the seconds of each execution) and
+``wall_s_total``, measured from ``$METASAE_T0`` (epoch seconds, set by
+``run_all.sh`` before the environment setup) when that is set, else from the
+harness's own start (then ``wall_s_total_includes_setup`` is false).
 
 Outputs: executed notebooks in ``<out>/notebooks/``, tables in
 ``<out>/tables/`` and figures in ``<figures>`` (both through
@@ -49,6 +65,13 @@ MARKER_LINES = 30
 """The per-seed marker counts when it is one of a notebook's first 30 lines."""
 DEFAULT_KERNELS = ("metasae", "python3")
 RESULTS_NAMES = ("results.md", "results.json")
+JOBS_ENV = "METASAE_JOBS"
+T0_ENV = "METASAE_T0"
+THREAD_ENVS = ("METASAE_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+POLL_S = 0.2
+"""How often the harness looks at its concurrent seed processes."""
+STOP_GRACE_S = 15.0
+"""How long a stopped seed process may take to shut its kernel down before it is killed."""
 
 
 class HarnessError(RuntimeError):
@@ -71,6 +94,11 @@ class Execution:
     seed: int | None
     output: Path
     seconds: float = 0.0
+    started: float = 0.0
+    """Epoch seconds (time.time()) when the execution began, and ended."""
+    ended: float = 0.0
+    concurrency: int = 1
+    """How many executions of its notebook ran side by side (1: one at a time)."""
 
 
 @dataclass
@@ -82,7 +110,10 @@ class Plan:
     notebooks: list[Notebook]
     only: bool
     kernel: str = ""
+    jobs: int = 1
     executions: list[Execution] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+    """Epoch seconds when the harness began (the fallback origin of wall_s_total)."""
 
 
 # ---------------------------------------------------------------------------
@@ -107,6 +138,9 @@ def build_parser(prog: str = "python -m metasae.harness") -> argparse.ArgumentPa
     p.add_argument("--notebooks", default=str(NOTEBOOK_DIR), help="folder of jupytext .py notebooks")
     p.add_argument("--kernel", default=os.environ.get("METASAE_KERNEL", ""),
                    help="Jupyter kernel name; default: metasae if installed, else python3")
+    p.add_argument("--jobs", default=None, metavar="N",
+                   help=f"run the seeds of a per-seed notebook in up to N concurrent processes; "
+                        f"default: ${JOBS_ENV} or 1")
     p.add_argument("--check", action="store_true",
                    help="validate the input, print the profile's corpus name and exit")
     return p
@@ -130,7 +164,30 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
             raise HarnessError(
                 f"no notebook named {args.only!r} in {args.notebooks}; available: {', '.join(n.name for n in notebooks)}")
         notebooks = wanted
-    return Plan(profile, list(profile.seeds), out, figures, notebooks, only=bool(args.only))
+    jobs = parse_jobs(args.jobs, "--jobs") if args.jobs is not None else parse_jobs(
+        os.environ.get(JOBS_ENV) or "1", JOBS_ENV)
+    return Plan(profile, list(profile.seeds), out, figures, notebooks, only=bool(args.only), jobs=jobs)
+
+
+def parse_jobs(text: str, what: str = "--jobs") -> int:
+    """A number of concurrent processes: a whole number >= 1."""
+    value = str(text).strip()
+    if not value.isdigit() or int(value) < 1:
+        raise HarnessError(f"{what} must be a whole number of at least 1, got {text!r}")
+    return int(value)
+
+
+def cpu_count() -> int:
+    """CPUs this process may use (its affinity mask where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def threads_per_process(concurrency: int, cpus: int | None = None) -> int:
+    """max(1, CPUs // concurrency): the thread budget of each of `concurrency` processes."""
+    return max(1, (cpus or cpu_count()) // max(1, concurrency))
 
 
 def _check_writable(folder: Path, what: str) -> None:
@@ -215,7 +272,12 @@ def run(plan: Plan) -> Path | None:
                                                    "display_name": f"Python ({plan.kernel})"}
                 notebook.metadata.setdefault("language_info", {"name": "python"})
                 nbformat.write(notebook, src)
-                for seed in (plan.seeds if nb.per_seed else [None]):
+                seeds: list[int | None] = list(plan.seeds) if nb.per_seed else [None]
+                concurrency = min(plan.jobs, len(seeds))
+                if concurrency > 1:
+                    _execute_concurrently(plan, nb, seeds, src, nb_out, seeds_text, concurrency, Path(tmp), nbformat)
+                    continue
+                for seed in seeds:
                     _execute(plan, nb, seed, src, nb_out, seeds_text, papermill, nbformat)
     finally:
         os.environ.clear()
@@ -227,8 +289,9 @@ def run(plan: Plan) -> Path | None:
     return write_results(plan, index)
 
 
-def _execute(plan: Plan, nb: Notebook, seed: int | None, src: Path, nb_out: Path,
-             seeds_text: str, papermill: Any, nbformat: Any) -> None:
+def _params(plan: Plan, nb: Notebook, seed: int | None, nb_out: Path,
+            seeds_text: str) -> tuple[dict[str, Any], Path, str]:
+    """(papermill parameters, executed copy, label for messages) of one execution."""
     params: dict[str, Any] = {
         "profile": plan.profile.name,
         "out_dir": str(plan.out),
@@ -242,28 +305,162 @@ def _execute(plan: Plan, nb: Notebook, seed: int | None, src: Path, nb_out: Path
         params["seed"] = seed
         output = nb_out / f"{nb.name}.seed{seed}.ipynb"
         label += f" (seed {seed})"
-    os.environ["METASAE_NOTEBOOK"] = nb.name
-    os.environ["METASAE_SEED"] = "" if seed is None else str(seed)
-    print(f"[metasae] running {label} ...", flush=True)
-    t0 = time.perf_counter()
-    failure = ""
+    return params, output, label
+
+
+def _papermill(src: Path | str, output: Path | str, params: dict[str, Any], kernel: str, papermill: Any) -> str:
+    """Execute one notebook; '' on success, else the failure as one line."""
     try:
-        papermill.execute_notebook(str(src), str(output), parameters=params, kernel_name=plan.kernel,
+        papermill.execute_notebook(str(src), str(output), parameters=params, kernel_name=kernel,
                                    language="python",
                                    extra_arguments=["--IPKernelApp.log_level=ERROR"],
                                    cwd=str(paths.REPO_ROOT), progress_bar=False, log_output=False)
     except Exception as exc:  # papermill's cell error, a dead kernel, a timeout, ...
-        failure = _one_line(exc)
-    if not failure and output.is_file():
-        failure = _error_output(nbformat.read(output, as_version=4))
-    elif not failure:
-        failure = "papermill wrote no executed notebook"
+        return _one_line(exc)
+    return ""
+
+
+def _check_executed(output: Path, failure: str, nbformat: Any) -> str:
+    """The failure of an execution: papermill's, else the executed copy's first error output."""
+    if failure:
+        return failure
+    if not output.is_file():
+        return "papermill wrote no executed notebook"
+    return _error_output(nbformat.read(output, as_version=4))
+
+
+def _failed(label: str, seconds: float, failure: str, output: Path, note: str = "") -> HarnessError:
+    where = f"; its executed copy is {output}" if output.is_file() else ""
+    return HarnessError(f"notebook {label} failed after {seconds:.0f} s: {failure}{where}{note}")
+
+
+def _execute(plan: Plan, nb: Notebook, seed: int | None, src: Path, nb_out: Path,
+             seeds_text: str, papermill: Any, nbformat: Any) -> None:
+    params, output, label = _params(plan, nb, seed, nb_out, seeds_text)
+    os.environ["METASAE_NOTEBOOK"] = nb.name
+    os.environ["METASAE_SEED"] = "" if seed is None else str(seed)
+    print(f"[metasae] running {label} ...", flush=True)
+    started, t0 = time.time(), time.perf_counter()
+    failure = _papermill(src, output, params, plan.kernel, papermill)
+    failure = _check_executed(output, failure, nbformat)
     seconds = time.perf_counter() - t0
     if failure:
-        where = f"; its executed copy is {output}" if output.is_file() else ""
-        raise HarnessError(f"notebook {label} failed after {seconds:.0f} s: {failure}{where}")
-    plan.executions.append(Execution(nb, seed, output, seconds))
+        raise _failed(label, seconds, failure, output)
+    plan.executions.append(Execution(nb, seed, output, seconds, started, started + seconds))
     print(f"[metasae] done {label} in {seconds:.1f} s", flush=True)
+
+
+@dataclass
+class _Running:
+    seed: int | None
+    label: str
+    output: Path
+    result: Path
+    log: Path
+    proc: subprocess.Popen
+    started: float
+    t0: float
+
+
+def _execute_concurrently(plan: Plan, nb: Notebook, seeds: list[int | None], src: Path, nb_out: Path,
+                          seeds_text: str, concurrency: int, tmp: Path, nbformat: Any) -> None:
+    """Run the seeds of one per-seed notebook in up to `concurrency` worker processes.
+
+    Returns when every seed has succeeded; on the first failure the other
+    workers are stopped and HarnessError is raised.  Executions are recorded
+    in seed order.
+    """
+    threads = str(threads_per_process(concurrency))
+    pending = list(seeds)
+    running: list[_Running] = []
+    done: dict[int | None, Execution] = {}
+    print(f"[metasae] {nb.path.name}: {len(seeds)} seeds, {concurrency} at a time, "
+          f"{threads} thread(s) each", flush=True)
+    try:
+        while pending or running:
+            while pending and len(running) < concurrency:
+                running.append(_launch(plan, nb, pending.pop(0), src, nb_out, seeds_text, threads, tmp))
+            time.sleep(POLL_S)
+            for r in [r for r in running if r.proc.poll() is not None]:
+                running.remove(r)
+                seconds = time.perf_counter() - r.t0
+                failure = _check_executed(r.output, _worker_failure(r), nbformat)
+                if failure:
+                    note = (f" (stopped the {len(running)} other seed(s) still running)" if running else "")
+                    _stop(running)
+                    running.clear()
+                    raise _failed(r.label, seconds, failure, r.output, note)
+                done[r.seed] = Execution(nb, r.seed, r.output, seconds, r.started, r.started + seconds,
+                                         concurrency)
+                print(f"[metasae] done {r.label} in {seconds:.1f} s", flush=True)
+    finally:
+        _stop(running)
+    plan.executions.extend(done[s] for s in seeds)
+
+
+def _launch(plan: Plan, nb: Notebook, seed: int | None, src: Path, nb_out: Path, seeds_text: str,
+            threads: str, tmp: Path) -> _Running:
+    params, output, label = _params(plan, nb, seed, nb_out, seeds_text)
+    stem = f"{nb.name}.seed{seed}"
+    spec, result, log = tmp / f"{stem}.spec.json", tmp / f"{stem}.result.json", tmp / f"{stem}.log"
+    result.unlink(missing_ok=True)
+    spec.write_text(json.dumps({"src": str(src), "output": str(output), "params": params,
+                                "kernel": plan.kernel, "result": str(result)}))
+    env = dict(os.environ)
+    env.update({"METASAE_NOTEBOOK": nb.name, "METASAE_SEED": "" if seed is None else str(seed)})
+    env.update({name: threads for name in THREAD_ENVS})
+    print(f"[metasae] running {label} ...", flush=True)
+    with open(log, "wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "import sys; from metasae.harness import _worker; sys.exit(_worker(sys.argv[1]))",
+             str(spec)],
+            cwd=str(paths.REPO_ROOT), env=env, stdin=subprocess.DEVNULL, stdout=log_file,
+            stderr=subprocess.STDOUT, start_new_session=True)
+    return _Running(seed, label, output, result, log, proc, time.time(), time.perf_counter())
+
+
+def _worker_failure(r: _Running) -> str:
+    """What the worker process reported ('' for success), or why it reported nothing."""
+    try:
+        return str(json.loads(r.result.read_text())["failure"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        tail = [line for line in r.log.read_text(errors="replace").splitlines() if line.strip()][-1:]
+    except OSError:
+        tail = []
+    text = f"its process exited with status {r.proc.returncode} and no result"
+    return " ".join((text + (f" ({tail[0].strip()})" if tail else "")).split())[:400]
+
+
+def _stop(running: list[_Running]) -> None:
+    """Stop worker processes: SIGTERM (the worker shuts its kernel down), then SIGKILL."""
+    for r in running:
+        if r.proc.poll() is None:
+            r.proc.terminate()
+    deadline = time.monotonic() + STOP_GRACE_S
+    for r in running:
+        try:
+            r.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            r.proc.kill()
+            r.proc.wait()
+
+
+def _worker(spec_path: str) -> int:
+    """Entry point of one concurrent execution: run papermill, write {"failure": ...}."""
+    import signal
+
+    def _interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _interrupt)  # papermill then shuts the kernel down
+    import papermill
+
+    spec = json.loads(Path(spec_path).read_text())
+    failure = _papermill(spec["src"], spec["output"], spec["params"], spec["kernel"], papermill)
+    atomic_write_json(Path(spec["result"]), {"failure": failure})
+    return 0
 
 
 def _error_output(nb: Any) -> str:
@@ -313,6 +510,39 @@ def git_state(root: Path = paths.REPO_ROOT) -> tuple[str, bool | None]:
     return commit, bool(status.strip())
 
 
+def stage_timings(executions: list[Execution]) -> dict[str, dict[str, Any]]:
+    """Per notebook, in run order: ``wall_s`` (first start to last end over its
+    executions), ``per_execution`` ([{seed, seconds}]) and ``concurrency``."""
+    groups: dict[str, list[Execution]] = {}
+    for ex in executions:
+        groups.setdefault(ex.notebook.name, []).append(ex)
+    return {name: {
+        "wall_s": round(max(e.ended for e in exs) - min(e.started for e in exs), 3),
+        "per_execution": [{"seed": e.seed, "seconds": round(e.seconds, 3)} for e in exs],
+        "concurrency": max(e.concurrency for e in exs),
+    } for name, exs in groups.items()}
+
+
+def total_wall(plan_started: float, now: float | None = None,
+               env: dict[str, str] | None = None) -> dict[str, Any]:
+    """``wall_s_total`` from ``$METASAE_T0`` (run_all.sh's start, before the
+    environment setup) when it is a valid past time, else from the harness's start.
+
+    Returns ``wall_s_total``, ``wall_s_total_includes_setup`` and, with
+    METASAE_T0, ``setup_s`` (the seconds before the harness started).
+    """
+    now = time.time() if now is None else now
+    env = os.environ if env is None else env
+    try:
+        t0 = float(env.get(T0_ENV, "") or "nan")
+    except ValueError:
+        t0 = float("nan")
+    if t0 == t0 and 0 < t0 <= plan_started:
+        return {"wall_s_total": round(now - t0, 3), "wall_s_total_includes_setup": True,
+                "setup_s": round(plan_started - t0, 3)}
+    return {"wall_s_total": round(now - plan_started, 3), "wall_s_total_includes_setup": False}
+
+
 def write_results(plan: Plan, index: Path) -> Path:
     from metasae.report import read_index
 
@@ -351,6 +581,18 @@ def write_results(plan: Plan, index: Path) -> Path:
     for ex in plan.executions:
         seed = "all" if ex.seed is None else str(ex.seed)
         lines.append(f"| {ex.notebook.path.name} | {seed} | {ex.seconds:.1f} | [{ex.output.name}]({rel(ex.output)}) |")
+    stages = stage_timings(plan.executions)
+    wall = total_wall(plan.started)
+    lines += ["", "## Wall time", "",
+              "| stage | executions | side by side | wall (s) | seconds per execution |", "|---|---|---|---|---|"]
+    if "setup_s" in wall:
+        lines.append(f"| setup before the harness (environment, corpus) | | | {wall['setup_s']:.1f} | |")
+    for name, st in stages.items():
+        per = ", ".join(f"{x['seconds']:.1f}" for x in st["per_execution"])
+        lines.append(f"| {name} | {len(st['per_execution'])} | {st['concurrency']} | {st['wall_s']:.1f} | {per} |")
+    origin = "run_all.sh's start, setup included" if wall["wall_s_total_includes_setup"] else \
+        "the harness's start; setup not included"
+    lines.append(f"| total (from {origin}) | | | {wall['wall_s_total']:.1f} | |")
     for kind, title in (("table", "Tables"), ("figure", "Figures")):
         rows = [e for e in entries if e["kind"] == kind]
         lines += ["", f"## {title}", ""]
@@ -369,6 +611,9 @@ def write_results(plan: Plan, index: Path) -> Path:
         "commit": commit,
         "dirty": dirty,
         "finished": now,
+        "jobs": plan.jobs,
+        **wall,
+        "stages": stages,
         "notebooks": [{"notebook": ex.notebook.path.name, "seed": ex.seed, "seconds": round(ex.seconds, 3),
                        "executed": str(ex.output)} for ex in plan.executions],
         "artifacts": entries,

@@ -169,6 +169,7 @@ def test_unknown_option_and_unknown_notebook(tiny: dict[str, Path]) -> None:
     (["--profile", "no-such-profile"], "no-such-profile"),
     (["--seeds", "0,,1"], "--seeds"),
     (["--out", "/dev/null/out"], "output folder"),
+    (["--jobs", "0"], "--jobs"),
 ])
 def test_run_all_bad_input_fails_fast(argv: list[str], needle: str) -> None:
     """run_all.sh validates before any setup, corpus or notebook work."""
@@ -348,3 +349,171 @@ def test_readme_documents_the_conventions_the_harness_uses() -> None:
     assert '# %% tags=["parameters"]' in text
     for name in ("profile", "seed", "seeds", "out_dir", "figures_dir", "save_figure", "save_table"):
         assert f"`{name}" in text
+
+
+# ---------------------------------------------------------------------------
+# --jobs: the seeds of a per-seed notebook side by side; stage timings
+# ---------------------------------------------------------------------------
+
+STAMPED_SEED = PARAMS_PER_SEED + """
+# %%
+import json, os, time
+from pathlib import Path
+
+start = time.time()
+Path(out_dir, f"start_{seed}.json").write_text(json.dumps(start))
+if seed == FAIL_SEED:
+    raise RuntimeError(f"seed {seed} fails on purpose")
+time.sleep(SLEEP_S)
+Path(out_dir, f"stamp_{seed}.json").write_text(json.dumps({
+    "start": start, "end": time.time(),
+    **{k: os.environ.get(k) for k in ("METASAE_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}}))
+"""
+
+STAMPED_AFTER = PARAMS_AGGREGATE + """
+# %%
+import json, time
+from pathlib import Path
+
+Path(out_dir, "after.json").write_text(json.dumps(time.time()))
+"""
+
+
+def _stamped(t: dict[str, Path], sleep_s: float = 2.0, fail_seed: int = -1) -> None:
+    (t["notebooks"] / "01_seeds.py").write_text(
+        STAMPED_SEED.replace("FAIL_SEED", str(fail_seed)).replace("SLEEP_S", str(sleep_s)))
+    (t["notebooks"] / "02_after.py").write_text(STAMPED_AFTER)
+
+
+def _harness_env(args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
+    e = _env(**env)
+    for name in ("METASAE_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "METASAE_T0", "METASAE_JOBS"):
+        if name not in env:
+            e.pop(name, None)
+    return subprocess.run([sys.executable, "-m", "metasae.harness", *args], cwd=ROOT, env=e,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _stamps(out: Path, seeds: list[int]) -> list[dict]:
+    return [json.loads((out / f"stamp_{s}.json").read_text()) for s in seeds]
+
+
+def test_jobs_runs_seeds_side_by_side(tiny: dict[str, Path]) -> None:
+    from metasae.harness import threads_per_process
+
+    _stamped(tiny)
+    t0 = __import__("time").time() - 100.0  # as if run_all.sh had spent 100 s on the setup
+    proc = _harness_env(_args(tiny, "--seeds", "0,1", "--jobs", "2"), METASAE_T0=repr(t0))
+    assert proc.returncode == 0, proc.stderr
+    a, b = _stamps(tiny["out"], [0, 1])
+    assert max(a["start"], b["start"]) < min(a["end"], b["end"]), "the two seeds did not overlap"
+    after = json.loads((tiny["out"] / "after.json").read_text())
+    assert after >= max(a["end"], b["end"]), "the next notebook started before every seed had finished"
+    expected = str(threads_per_process(2))
+    assert expected == str(max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                   else os.cpu_count() or 1) // 2))
+    for s in (a, b):
+        assert s["METASAE_THREADS"] == s["OMP_NUM_THREADS"] == s["MKL_NUM_THREADS"] == expected
+
+    data = json.loads((tiny["out"] / "results.json").read_text())
+    assert data["jobs"] == 2
+    assert [(n["notebook"], n["seed"]) for n in data["notebooks"]] == [
+        ("01_seeds.py", 0), ("01_seeds.py", 1), ("02_after.py", None)]
+    stages = data["stages"]
+    assert list(stages) == ["01_seeds", "02_after"]
+    seeds_stage = stages["01_seeds"]
+    per = seeds_stage["per_execution"]
+    assert [x["seed"] for x in per] == [0, 1] and seeds_stage["concurrency"] == 2
+    assert all(x["seconds"] >= 2.0 for x in per)
+    assert max(x["seconds"] for x in per) <= seeds_stage["wall_s"] < sum(x["seconds"] for x in per)
+    assert stages["02_after"]["per_execution"][0]["seed"] is None and stages["02_after"]["concurrency"] == 1
+    assert data["wall_s_total_includes_setup"] is True
+    assert data["wall_s_total"] >= 100.0 + seeds_stage["wall_s"]
+    assert 100.0 <= data["setup_s"] < data["wall_s_total"]
+    md = (tiny["out"] / "results.md").read_text()
+    assert "## Wall time" in md and "| 01_seeds | 2 | 2 |" in md and "setup included" in md
+
+
+def test_one_job_runs_seeds_one_after_another(tiny: dict[str, Path]) -> None:
+    _stamped(tiny, sleep_s=1.0)
+    # --jobs wins over METASAE_JOBS; without METASAE_T0 the total starts at the harness
+    proc = _harness_env(_args(tiny, "--seeds", "0,1", "--jobs", "1"), METASAE_JOBS="2")
+    assert proc.returncode == 0, proc.stderr
+    a, b = _stamps(tiny["out"], [0, 1])
+    assert a["end"] <= b["start"]
+    assert a["METASAE_THREADS"] is None and a["OMP_NUM_THREADS"] is None  # the environment is untouched
+    data = json.loads((tiny["out"] / "results.json").read_text())
+    assert data["jobs"] == 1 and data["stages"]["01_seeds"]["concurrency"] == 1
+    assert data["wall_s_total_includes_setup"] is False and "setup_s" not in data
+    per = data["stages"]["01_seeds"]["per_execution"]
+    assert data["stages"]["01_seeds"]["wall_s"] >= sum(x["seconds"] for x in per) - 0.01
+    assert data["wall_s_total"] >= sum(st["wall_s"] for st in data["stages"].values())
+
+
+def test_failing_seed_fails_a_parallel_run(tiny: dict[str, Path]) -> None:
+    import time
+
+    _stamped(tiny, sleep_s=60.0, fail_seed=1)
+    tiny["out"].mkdir(parents=True)
+    (tiny["out"] / "results.md").write_text("stale results from an older run\n")
+    t0 = time.monotonic()
+    proc = _harness_env(_args(tiny, "--seeds", "0,1", "--jobs", "2"))
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 1
+    msg = _one_sentence_error(proc)
+    assert "01_seeds.py (seed 1)" in msg and "fails on purpose" in msg and "stopped" in msg
+    assert (tiny["out"] / "start_0.json").is_file(), "seed 0 should have been running"
+    assert not (tiny["out"] / "stamp_0.json").exists(), "seed 0 should have been stopped"
+    assert elapsed < 50, "the still-running seed was not stopped"
+    assert not (tiny["out"] / "results.md").exists() and not (tiny["out"] / "results.json").exists()
+    assert not (tiny["out"] / "after.json").exists()
+
+
+def test_jobs_option_and_environment(tiny: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    from metasae.harness import HarnessError, build_parser, parse_jobs, plan_from_args, threads_per_process
+
+    (tiny["notebooks"] / "01_good.py").write_text(GOOD)
+    parser = build_parser()
+    monkeypatch.delenv("METASAE_JOBS", raising=False)
+    assert plan_from_args(parser.parse_args(_args(tiny))).jobs == 1
+    monkeypatch.setenv("METASAE_JOBS", "3")
+    assert plan_from_args(parser.parse_args(_args(tiny))).jobs == 3
+    assert plan_from_args(parser.parse_args(_args(tiny, "--jobs", "2"))).jobs == 2
+    for bad in ("0", "-1", "two", "1.5", ""):
+        with pytest.raises(HarnessError, match="--jobs"):
+            parse_jobs(bad)
+    monkeypatch.setenv("METASAE_JOBS", "zero")
+    with pytest.raises(HarnessError, match="METASAE_JOBS"):
+        plan_from_args(parser.parse_args(_args(tiny)))
+    assert [threads_per_process(k, cpus=16) for k in (1, 2, 3, 4, 32)] == [16, 8, 5, 4, 1]
+    assert threads_per_process(2, cpus=1) == 1
+    # --check takes --jobs (run_all.sh passes every argument to it)
+    proc = _harness_env(_args(tiny, "--check", "--jobs", "2"))
+    assert proc.returncode == 0 and proc.stdout.strip() == "none", proc.stderr
+    msg = _one_sentence_error(_harness_env(_args(tiny, "--check", "--jobs", "0")))
+    assert "--jobs" in msg
+
+
+def test_stage_timings_and_total_wall() -> None:
+    from metasae.harness import Execution, Notebook, stage_timings, total_wall
+
+    a, b = Notebook(Path("01_a.py"), True), Notebook(Path("02_b.py"), False)
+    exs = [Execution(a, 0, Path("x"), 5.0, 100.0, 105.0, 2), Execution(a, 1, Path("y"), 7.0, 100.5, 107.5, 2),
+           Execution(b, None, Path("z"), 1.25, 108.0, 109.25)]
+    st = stage_timings(exs)
+    assert st == {
+        "01_a": {"wall_s": 7.5, "per_execution": [{"seed": 0, "seconds": 5.0}, {"seed": 1, "seconds": 7.0}],
+                 "concurrency": 2},
+        "02_b": {"wall_s": 1.25, "per_execution": [{"seed": None, "seconds": 1.25}], "concurrency": 1},
+    }
+    assert total_wall(1000.0, now=1060.0, env={}) == {"wall_s_total": 60.0, "wall_s_total_includes_setup": False}
+    assert total_wall(1000.0, now=1060.0, env={"METASAE_T0": "900.5"}) == {
+        "wall_s_total": 159.5, "wall_s_total_includes_setup": True, "setup_s": 99.5}
+    for bad in ("", "not-a-time", "1700000000.N", "2000", "nan", "-5"):  # unparsable, or after the harness began
+        assert total_wall(1000.0, now=1060.0, env={"METASAE_T0": bad})["wall_s_total_includes_setup"] is False
+
+
+def test_run_all_sets_the_wall_clock_origin_first() -> None:
+    lines = [ln.strip() for ln in (ROOT / "run_all.sh").read_text().splitlines()]
+    commands = [ln for ln in lines if ln and not ln.startswith("#")]
+    assert commands[0] == 'export METASAE_T0="${METASAE_T0:-$(date +%s.%N)}"'
