@@ -1,0 +1,364 @@
+"""The numbers of a finished run, in one small file that can be committed.
+
+    python -m metasae.summary --out outputs/default --dest results/default
+
+After a complete run (``<out>/results.json`` exists; otherwise one sentence on
+stderr and exit status 2), this copies every table ``<out>/tables/*.csv`` and
+``*.md`` to ``<dest>/tables/`` (removing tables there that the run no longer
+has) and writes ``<dest>/summary.json``:
+
+* ``git_commit``, ``git_dirty``, ``profile``, ``seeds``, ``finished`` (from
+  ``results.json``, the seeds falling back to ``config.json``),
+  ``wall_s_total``, ``wall_s_total_includes_setup``, ``setup_s`` and
+  ``stages`` (the harness's timings);
+* ``solo_quality``: per seed, ``dead_frac``, ``explained_variance_std`` and
+  ``ce_loss_score`` of the solo SAE (``seed<s>/metrics/eval.json``, entry
+  ``solo``) and ``mse_last_quarter_rel_improvement`` from its training history
+  (:func:`mse_last_quarter_rel_improvement`);
+* ``meta_explained_variance``: per seed, the headline joint run's
+  ``meta_explained_variance`` in ``eval.json``;
+* ``headline``: the joint configuration (``selection.json``: ``replicated``,
+  else ``selected``) against the solo over the seeds whose ``eval.json`` has
+  both: ``n_seeds``, ``delta_phi_pct_mean`` / ``_se``, ``p_paired`` (paired t
+  test over seeds of the joint's mean |phi| against the solo's), ``mde_pct``,
+  ``delta_l2_pct_mean`` / ``_se``, ``delta_ce_pct_mean`` / ``_se`` and
+  ``per_seed``.  Per seed, Delta |phi| % = 100 (phi_joint / phi_solo - 1) of
+  ``mean_abs_phi``; Delta L2 % the same of ``mse_batchtopk`` (else ``mse``);
+  Delta CE = joint ``delta_ce_pct`` - solo ``delta_ce_pct`` (percentage points).
+
+A number that cannot be computed (a missing key or file, fewer than two seeds
+for a spread) is ``null``, never an error.  Seeds are JSON object keys, so
+strings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from metasae import paths
+from metasae.io import atomic_path, atomic_write_json
+
+SUMMARY_NAME = "summary.json"
+TABLE_SUFFIXES = (".csv", ".md")
+SOLO = "solo"
+SOLO_KEYS = ("dead_frac", "explained_variance_std", "ce_loss_score")
+HISTORY_WINDOW = 0.10
+"""Width of the averaging windows of :func:`mse_last_quarter_rel_improvement`, as a fraction of training."""
+ALPHA = 0.05
+POWER = 0.8
+
+
+class SummaryError(RuntimeError):
+    """The run cannot be summarised; the message is one sentence for the user."""
+
+
+# ---------------------------------------------------------------------------
+# Small readers: a missing or malformed file is None, never an exception
+# ---------------------------------------------------------------------------
+
+
+def _read(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _num(value: Any) -> float | None:
+    """A finite float, else None (bools, strings, nan and inf are not numbers here)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _get(d: Any, key: str) -> float | None:
+    return _num(d.get(key)) if isinstance(d, dict) else None
+
+
+def _mean(xs: Sequence[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def _sd(xs: Sequence[float]) -> float | None:
+    if len(xs) < 2:
+        return None
+    m = sum(xs) / len(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def _se(xs: Sequence[float]) -> float | None:
+    sd = _sd(xs)
+    return None if sd is None else sd / math.sqrt(len(xs))
+
+
+# ---------------------------------------------------------------------------
+# Training history of the solo SAE
+# ---------------------------------------------------------------------------
+
+
+def find_history(out: Path, seed: int | str, run: str = SOLO) -> Path | None:
+    """The training history of `run`: ``checkpoints/<run>/history.json``, else the
+    one in the step folder that ``checkpoints/trainer.json`` commits, else the
+    latest step folder's."""
+    ckpt = Path(out) / f"seed{seed}" / "checkpoints"
+    direct = ckpt / run / "history.json"
+    if direct.is_file():
+        return direct
+    trainer = _read(ckpt / "trainer.json")
+    step = trainer.get("step") if isinstance(trainer, dict) else None
+    if isinstance(step, int) and not isinstance(step, bool):
+        committed = ckpt / run / f"step{step:08d}" / "history.json"
+        if committed.is_file():
+            return committed
+    steps = sorted((ckpt / run).glob("step*/history.json")) if (ckpt / run).is_dir() else []
+    return steps[-1] if steps else None
+
+
+def mse_last_quarter_rel_improvement(history: Iterable[Any], window: float = HISTORY_WINDOW) -> float | None:
+    """How much the training MSE still fell over the last quarter of training.
+
+    With T the last logged step and w = `window` x T (10 % of training):
+
+        mse_75    = mean ``mse`` of the rows with step in (0.75 T - w, 0.75 T]
+        mse_final = mean ``mse`` of the rows with step in (T - w, T]
+        value     = (mse_75 - mse_final) / mse_75
+
+    Averaging over a window smooths the per-batch noise of the logged MSE; a
+    window with no logged row uses the row whose step is nearest to its end.
+    Rows without a finite ``step`` and ``mse`` are ignored.  0.05 means the
+    MSE fell 5 % over the last quarter (training had nearly converged); a
+    negative value means it rose.  None with fewer than two usable rows or a
+    non-positive mse_75.
+    """
+    rows = []
+    for r in history or []:
+        if isinstance(r, dict):
+            step, mse = _get(r, "step"), _get(r, "mse")
+            if step is not None and mse is not None:
+                rows.append((step, mse))
+    if len(rows) < 2:
+        return None
+    rows.sort()
+    total = rows[-1][0]
+    if total <= 0:
+        return None
+    width = window * total
+
+    def window_mean(end: float) -> float:
+        inside = [m for s, m in rows if end - width < s <= end]
+        if inside:
+            return sum(inside) / len(inside)
+        return min(rows, key=lambda sm: abs(sm[0] - end))[1]
+
+    mse_75, mse_final = window_mean(0.75 * total), window_mean(total)
+    if mse_75 <= 0:
+        return None
+    return (mse_75 - mse_final) / mse_75
+
+
+# ---------------------------------------------------------------------------
+# The summary
+# ---------------------------------------------------------------------------
+
+
+def _seeds(results: dict[str, Any], config: Any) -> list[int]:
+    for source in (results.get("seeds"), config.get("seeds") if isinstance(config, dict) else None):
+        if isinstance(source, list) and all(isinstance(s, int) and not isinstance(s, bool) for s in source):
+            return list(source)
+    return []
+
+
+def headline_name(out: Path) -> str | None:
+    """The joint configuration compared with the solo: ``selection.json``'s
+    ``replicated``, else its ``selected``."""
+    sel = _read(Path(out) / "selection.json")
+    if not isinstance(sel, dict):
+        return None
+    for key in ("replicated", "selected"):
+        if isinstance(sel.get(key), str) and sel[key]:
+            return sel[key]
+    return None
+
+
+def _eval(out: Path, seed: int) -> dict[str, Any]:
+    ev = _read(Path(out) / f"seed{seed}" / "metrics" / "eval.json")
+    return ev if isinstance(ev, dict) else {}
+
+
+def solo_quality(out: Path, seed: int) -> dict[str, float | None]:
+    solo = _eval(out, seed).get(SOLO)
+    row: dict[str, float | None] = {k: _get(solo, k) for k in SOLO_KEYS}
+    hist_path = find_history(out, seed)
+    history = _read(hist_path) if hist_path is not None else None
+    row["mse_last_quarter_rel_improvement"] = (
+        mse_last_quarter_rel_improvement(history) if isinstance(history, list) else None)
+    return row
+
+
+def _ratio_pct(joint: float | None, solo: float | None) -> float | None:
+    if joint is None or solo is None or solo == 0:
+        return None
+    return 100.0 * (joint / solo - 1.0)
+
+
+def per_seed_deltas(ev: dict[str, Any], joint: str) -> dict[str, float | None] | None:
+    """The joint-vs-solo numbers of one seed's eval.json; None when either run is absent."""
+    j, s = ev.get(joint), ev.get(SOLO)
+    if not isinstance(j, dict) or not isinstance(s, dict):
+        return None
+    l2_key = "mse_batchtopk" if "mse_batchtopk" in j and "mse_batchtopk" in s else "mse"
+    ce_j, ce_s = _get(j, "delta_ce_pct"), _get(s, "delta_ce_pct")
+    return {
+        "phi_joint": _get(j, "mean_abs_phi"),
+        "phi_solo": _get(s, "mean_abs_phi"),
+        "delta_phi_pct": _ratio_pct(_get(j, "mean_abs_phi"), _get(s, "mean_abs_phi")),
+        "delta_l2_pct": _ratio_pct(_get(j, l2_key), _get(s, l2_key)),
+        "delta_ce_pct": ce_j - ce_s if ce_j is not None and ce_s is not None else None,
+    }
+
+
+def paired_p(joint: Sequence[float], solo: Sequence[float]) -> float | None:
+    """Two-sided p of the paired t test (scipy.stats.ttest_rel); None below two pairs."""
+    if len(joint) < 2 or len(joint) != len(solo):
+        return None
+    from scipy import stats
+
+    return _num(float(stats.ttest_rel(joint, solo).pvalue))
+
+
+def mde(values: Sequence[float], alpha: float = ALPHA, power: float = POWER) -> float | None:
+    """Minimum detectable effect of a paired t test over len(values) seeds, two-sided at
+    `alpha` with `power`: (t_{1-alpha/2, n-1} + t_{power, n-1}) sd / sqrt(n), sd the
+    measured standard deviation of the per-seed values."""
+    sd = _sd(values)
+    if sd is None:
+        return None
+    from scipy import stats
+
+    n = len(values)
+    return _num(float((stats.t.ppf(1 - alpha / 2, n - 1) + stats.t.ppf(power, n - 1)) * sd / math.sqrt(n)))
+
+
+def headline(out: Path, seeds: Sequence[int]) -> dict[str, Any]:
+    name = headline_name(out)
+    per_seed: dict[str, dict[str, float | None]] = {}
+    if name is not None:
+        for seed in seeds:
+            d = per_seed_deltas(_eval(out, seed), name)
+            if d is not None:
+                per_seed[str(seed)] = d
+
+    def values(key: str) -> list[float]:
+        return [v[key] for v in per_seed.values() if v[key] is not None]
+
+    pairs = [(v["phi_joint"], v["phi_solo"]) for v in per_seed.values()
+             if v["phi_joint"] is not None and v["phi_solo"] is not None]
+    dphi = values("delta_phi_pct")
+    return {
+        "joint": name,
+        "baseline": SOLO,
+        "n_seeds": len(per_seed),
+        "seeds": [int(s) for s in per_seed],
+        "delta_phi_pct_mean": _mean(dphi),
+        "delta_phi_pct_se": _se(dphi),
+        "p_paired": paired_p([p[0] for p in pairs], [p[1] for p in pairs]),
+        "mde_pct": mde(dphi),
+        "mde_alpha": ALPHA,
+        "mde_power": POWER,
+        "delta_l2_pct_mean": _mean(values("delta_l2_pct")),
+        "delta_l2_pct_se": _se(values("delta_l2_pct")),
+        "delta_ce_pct_mean": _mean(values("delta_ce_pct")),
+        "delta_ce_pct_se": _se(values("delta_ce_pct")),
+        "per_seed": per_seed,
+    }
+
+
+def build_summary(out_dir: str | Path) -> dict[str, Any]:
+    """The summary of the complete run in `out_dir` (see the module docstring)."""
+    out = Path(out_dir)
+    results = _read(out / "results.json")
+    if not isinstance(results, dict):
+        raise SummaryError(f"{out / 'results.json'} does not exist or is not readable: "
+                           "summarise a complete run (bash run_all.sh writes it when every notebook succeeded)")
+    config = _read(out / "config.json")
+    seeds = _seeds(results, config)
+    name = headline_name(out)
+    return {
+        "profile": results.get("profile") or (config.get("name") if isinstance(config, dict) else None),
+        "seeds": seeds,
+        "git_commit": results.get("commit"),
+        "git_dirty": results.get("dirty"),
+        "finished": results.get("finished"),
+        "wall_s_total": _num(results.get("wall_s_total")),
+        "wall_s_total_includes_setup": results.get("wall_s_total_includes_setup"),
+        "setup_s": _num(results.get("setup_s")),
+        "stages": results.get("stages") if isinstance(results.get("stages"), dict) else {},
+        "solo_quality": {str(s): solo_quality(out, s) for s in seeds},
+        "meta_explained_variance": {
+            str(s): (_get(_eval(out, s).get(name), "meta_explained_variance") if name else None) for s in seeds},
+        "headline": headline(out, seeds),
+    }
+
+
+def copy_tables(out: Path, dest: Path) -> list[Path]:
+    """Copy ``<out>/tables/*.csv|*.md`` to ``<dest>/tables/``; drop tables there the run lacks."""
+    src_dir, dst_dir = Path(out) / "tables", Path(dest) / "tables"
+    sources = sorted(p for p in src_dir.glob("*") if p.is_file() and p.suffix in TABLE_SUFFIXES) \
+        if src_dir.is_dir() else []
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    keep = {p.name for p in sources}
+    for old in dst_dir.glob("*"):
+        if old.is_file() and old.suffix in TABLE_SUFFIXES and old.name not in keep:
+            old.unlink()
+    copied = []
+    for p in sources:
+        with atomic_path(dst_dir / p.name) as tmp:
+            shutil.copyfile(p, tmp)
+        copied.append(dst_dir / p.name)
+    return copied
+
+
+def write_summary(out_dir: str | Path, dest_dir: str | Path) -> Path:
+    """Copy the tables and write ``<dest>/summary.json``; return its path."""
+    summary = build_summary(out_dir)
+    dest = Path(dest_dir)
+    copy_tables(Path(out_dir), dest)
+    path = dest / SUMMARY_NAME
+    atomic_write_json(path, summary)
+    return path
+
+
+# ---------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m metasae.summary",
+                                description="Copy a finished run's tables and write summary.json.")
+    p.add_argument("--out", default=str(paths.REPO_ROOT / "outputs" / "default"),
+                   help="the run's output folder (holding results.json); default: outputs/default")
+    p.add_argument("--dest", default=str(paths.REPO_ROOT / "results" / "default"),
+                   help="where tables/ and summary.json go; default: results/default")
+    args = p.parse_args(argv)
+    try:
+        path = write_summary(args.out, args.dest)
+    except SummaryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: cannot write the summary to {args.dest}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
