@@ -1,0 +1,159 @@
+"""metasae.readme: the README's generated default-run block, on a temporary README."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from metasae import readme
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SUMMARY = {
+    "profile": "default", "seeds": [0, 1, 2], "git_commit": "0123456789abcdef0123", "git_dirty": False,
+    "wall_s_total": 2712.0, "wall_s_total_includes_setup": True, "setup_s": 132.0,
+    "stages": {
+        "01_train": {"wall_s": 1230.0, "concurrency": 3,
+                     "per_execution": [{"seed": 0, "seconds": 1200.0}, {"seed": 1, "seconds": 1210.0},
+                                       {"seed": 2, "seconds": 1190.0}]},
+        "06_seeds": {"wall_s": 9.0, "concurrency": 1, "per_execution": [{"seed": None, "seconds": 9.0}]},
+    },
+    "solo_quality": {
+        "0": {"dead_frac": 0.05, "explained_variance_std": 0.85, "ce_loss_score": 0.93,
+              "mse_last_quarter_rel_improvement": 0.03},
+        "1": {"dead_frac": 0.125, "explained_variance_std": 0.79, "ce_loss_score": 0.9,
+              "mse_last_quarter_rel_improvement": 0.08},
+        "2": {"dead_frac": None, "explained_variance_std": 0.8, "ce_loss_score": None,
+              "mse_last_quarter_rel_improvement": 0.05},
+    },
+    "meta_explained_variance": {"0": 0.912, "1": None, "2": 0.9},
+    "headline": {"joint": "l0.3_s1.0", "n_seeds": 3, "delta_phi_pct_mean": -4.04, "delta_phi_pct_se": 2.61,
+                 "p_paired": 0.2551, "mde_pct": 16.43, "delta_l2_pct_mean": 1.654, "delta_ce_pct_mean": 0.3456},
+}
+
+README = """\
+# project
+
+Intro text.
+
+## Options
+
+Some options.
+
+## What the default profile shows (3 seeds, mean +/- SE)
+
+* prose that must stay
+"""
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> tuple[Path, Path]:
+    s = tmp_path / "results" / "default" / "summary.json"
+    s.parent.mkdir(parents=True)
+    s.write_text(json.dumps(SUMMARY))
+    r = tmp_path / "README.md"
+    r.write_text(README)
+    r.chmod(0o644)
+    return s, r
+
+
+def _run(s: Path, r: Path, *extra: str) -> int:
+    return readme.main(["--summary", str(s), "--readme", str(r), *extra])
+
+
+def _block(text: str) -> str:
+    return text[text.index(readme.BEGIN):text.index(readme.END) + len(readme.END)]
+
+
+def test_block_contents(files: tuple[Path, Path]) -> None:
+    s, r = files
+    assert _run(s, r) == 0
+    block = _block(r.read_text())
+    assert "[`results/default/summary.json`](results/default/summary.json)" in block
+    assert "commit `0123456789ab`" in block and "seeds 0, 1, 2" in block
+    # wall time in minutes
+    assert "| total, `bash run_all.sh` from its start (environment setup included) | 45.2 |" in block
+    assert "| setup before the notebooks (environment, corpus) | 2.2 |" in block
+    assert "| 01_train (3 runs, 3 side by side) | 20.5 |" in block
+    assert "| 06_seeds | 0.1 |" in block
+    # quality bars: met / not met, the bar value itself counts as met
+    assert "| 0 | 5.0% met | 0.850 met | 0.930 met | 3.0% met |" in block
+    assert "| 1 | 12.5% not met | 0.790 not met | 0.900 met | 8.0% not met |" in block
+    assert "| 2 | n/a (not measured) | 0.800 met | n/a (not measured) | 5.0% met |" in block
+    assert "Meta SAE explained variance (joint `l0.3_s1.0`): seed 0: 0.912, seed 1: n/a, seed 2: 0.900." in block
+    assert "over n = 3 seeds" in block
+    assert "Delta mean |phi| = -4.0 +/- 2.6 % (mean +/- SE)" in block
+    assert "p = 0.255" in block and "power 0.8) 16.4 %" in block
+    assert "Delta L2 = +1.65 %" in block and "Delta CE = +0.35 percentage points" in block
+
+
+def test_insert_before_anchor_then_replace_only_the_block(files: tuple[Path, Path]) -> None:
+    s, r = files
+    assert _run(s, r, "--check") == 1  # no block yet
+    assert r.read_text() == README  # --check changes nothing
+    assert _run(s, r) == 0
+    text = r.read_text()
+    before, _, after = text.partition(readme.BEGIN)
+    assert before == README[:README.index("## What the default")]
+    assert after.split(readme.END + "\n", 1)[1] == "\n" + README[README.index("## What the default"):]
+    assert stat.S_IMODE(r.stat().st_mode) == 0o644
+    assert _run(s, r, "--check") == 0
+    assert _run(s, r) == 0 and r.read_text() == text  # idempotent
+
+    # a new summary changes the block and nothing else
+    changed = dict(SUMMARY, git_commit="fedcba9876543210")
+    s.write_text(json.dumps(changed))
+    assert _run(s, r, "--check") == 1
+    assert _run(s, r) == 0
+    new = r.read_text()
+    assert "fedcba987654" in new and "0123456789ab" not in new
+    assert new.replace(_block(new), "") == text.replace(_block(text), "")
+
+    # hand edits inside the block are caught by --check and overwritten
+    r.write_text(new.replace("45.2", "1.0"))
+    assert _run(s, r, "--check") == 1
+    assert _run(s, r) == 0 and r.read_text() == new
+
+
+def test_without_anchor_the_block_goes_at_the_end(files: tuple[Path, Path]) -> None:
+    s, r = files
+    r.write_text("# project\n\nNo anchor here.")
+    assert _run(s, r) == 0
+    text = r.read_text()
+    assert text.startswith("# project\n\nNo anchor here.\n\n" + readme.BEGIN)
+    assert text.endswith(readme.END + "\n")
+    assert _run(s, r, "--check") == 0
+
+
+def test_bad_input(files: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    s, r = files
+    assert _run(tmp_path / "missing.json", r) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing.json" in err[0] and "metasae.summary" in err[0]
+    r.write_text(README + readme.BEGIN + "\n")  # BEGIN without END
+    assert _run(s, r) == 2
+    assert r.read_text() == README + readme.BEGIN + "\n"
+
+
+def test_missing_numbers_render_as_na() -> None:
+    block = readme.render_block({"solo_quality": {"0": {}}, "headline": {}}, "summary.json")
+    assert "| 0 | n/a (not measured) | n/a (not measured) | n/a (not measured) | n/a (not measured) |" in block
+    assert "over n = 0 seeds" in block and "Delta mean |phi| = n/a +/- n/a %" in block
+    assert "environment setup not measured" in block
+
+
+def test_cli_check(files: tuple[Path, Path]) -> None:
+    s, r = files
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    cmd = [sys.executable, "-m", "metasae.readme", "--summary", str(s), "--readme", str(r)]
+    proc = subprocess.run([*cmd, "--check"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "out of date" in proc.stderr
+    assert subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, timeout=120).returncode == 0
+    assert subprocess.run([*cmd, "--check"], cwd=ROOT, env=env, capture_output=True, timeout=120).returncode == 0
