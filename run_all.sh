@@ -14,6 +14,9 @@
 # (results.json: wall_s_total).  A caller may set it earlier.
 export METASAE_T0="${METASAE_T0:-$(date +%s.%N)}"
 set -euo pipefail
+# Seeds two at a time, one torch thread each (measured: 1.6x one process with two threads
+# on the default's shape); METASAE_JOBS or --jobs overrides.
+export METASAE_JOBS="${METASAE_JOBS:-2}"
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=scripts/setup_env.sh

@@ -178,6 +178,11 @@ class DataConfig:
     harvest_batch_rows: int = 16
     shard_tokens: int = 65536
     cache_dtype: Literal["float16", "bfloat16"] = "bfloat16"
+    massive_norm_ratio: float = 0.0
+    """Massive activations: tokens whose activation norm exceeds this multiple of the
+    training split's median norm are left out of SAE training and passed through
+    unchanged when an SAE is spliced into the model (CE is also reported with every
+    token spliced).  0 = no special treatment."""
 
     def validate(self, where: str = "data") -> None:
         if not isinstance(self.corpus, str) or not self.corpus:
@@ -190,6 +195,9 @@ class DataConfig:
             raise ConfigError(f"{where}.ce_tokens ({self.ce_tokens}) must not exceed {where}.phi_tokens ({self.phi_tokens})")
         _pos_int(self.harvest_batch_rows, f"{where}.harvest_batch_rows")
         _pos_int(self.shard_tokens, f"{where}.shard_tokens")
+        _nonneg_float(self.massive_norm_ratio, f"{where}.massive_norm_ratio")
+        if 0 < self.massive_norm_ratio <= 1:
+            raise ConfigError(f"{where}.massive_norm_ratio must be 0 (off) or above 1, not {self.massive_norm_ratio!r}")
         if self.cache_dtype not in ("float16", "bfloat16"):
             raise ConfigError(f"{where}.cache_dtype must be float16 or bfloat16, not {self.cache_dtype!r}")
 
@@ -212,6 +220,9 @@ class TrainConfig:
     """History rows (losses, L0, dead, penalty, tokens/s) every N steps."""
     threads: int = 0
     """torch threads; 0 = all cores."""
+    snapshot_fractions: list[float] = field(default_factory=list)
+    """Fractions of training (e.g. [0.25, 0.5]) at which the solo and replicated joint
+    primaries are saved, for metrics along training (the "not fully converged" check)."""
     device: str = "cpu"
     """Where the SAEs train: 'cpu', 'cuda', 'cuda:N' or 'auto' (cuda when available).
     Checkpoints are always written from CPU copies, so they load anywhere."""
@@ -224,6 +235,9 @@ class TrainConfig:
         _pos_int(self.checkpoint_every_steps, f"{where}.checkpoint_every_steps")
         _pos_int(self.eval_every_steps, f"{where}.eval_every_steps")
         _nonneg_int(self.threads, f"{where}.threads")
+        for v in self.snapshot_fractions:
+            if not isinstance(v, (int, float)) or not 0.0 < v < 1.0:
+                raise ConfigError(f"{where}.snapshot_fractions values must be in (0, 1), not {v!r}")
         if not isinstance(self.device, str) or not (self.device in ("cpu", "cuda", "auto")
                                                     or (self.device.startswith("cuda:") and self.device[5:].isdigit())):
             raise ConfigError(f"{where}.device must be 'cpu', 'cuda', 'cuda:N' or 'auto', not {self.device!r}")
@@ -243,6 +257,16 @@ class GridConfig:
     ablation_sigma2: float = 1.0
     ortho_coefs: list[float] = field(default_factory=list)
     """Orthogonality-penalty baselines (OrtSAE-style)."""
+    full_seeds: int = 0
+    """How many of the profile's first seeds train the whole run list (grid, ablations,
+    baselines).  0 = every seed.  The other seeds train only what the headline test
+    needs: solo, the replicated configuration, the lambda2 = 0 control and the
+    independent solos."""
+    replicate_lambda2: float = 0.3
+    replicate_sigma2: float = 1.0
+    """The joint configuration trained on every seed: the headline comparison, fixed
+    before any result is seen (the paper's pick), so that it is not selected on the
+    seeds it is tested on."""
 
     def validate(self, n_primary: int, where: str = "grid") -> None:
         if not self.lambda2:
@@ -262,6 +286,13 @@ class GridConfig:
         _pos_float(self.ablation_sigma2, f"{where}.ablation_sigma2")
         for v in self.ortho_coefs:
             _pos_float(v, f"{where}.ortho_coefs")
+        _nonneg_int(self.full_seeds, f"{where}.full_seeds")
+        _pos_float(self.replicate_lambda2, f"{where}.replicate_lambda2")
+        _pos_float(self.replicate_sigma2, f"{where}.replicate_sigma2")
+        if self.replicate_lambda2 not in self.lambda2 or self.replicate_sigma2 not in self.sigma2:
+            raise ConfigError(f"{where}.replicate_lambda2 / replicate_sigma2 ({self.replicate_lambda2}, "
+                              f"{self.replicate_sigma2}) must be a configuration of the grid "
+                              f"(lambda2 {self.lambda2}, sigma2 {self.sigma2})")
 
 
 @dataclass
@@ -464,15 +495,18 @@ class Profile:
         ``joint_l0`` (control), ``solo_indep{i}``, ``meta_m{m}``, ``ortho_c{c}``.
         """
         g = self.grid
+        full = self.is_full_seed(seed)
         runs = [RunSpec("solo", "solo", seed, tags={"role": "solo"})]
         for lam in g.lambda2:
             for sig in g.sigma2:
-                runs.append(RunSpec(f"joint_l{_fmt(lam)}_s{_fmt(sig)}", "joint", seed, lam, sig,
-                                    tags={"role": "grid"}))
+                if full or (lam, sig) == (g.replicate_lambda2, g.replicate_sigma2):
+                    runs.append(RunSpec(joint_name(lam, sig), "joint", seed, lam, sig, tags={"role": "grid"}))
         if g.control_lambda0:
             runs.append(RunSpec("joint_l0", "joint", seed, 0.0, 1.0, tags={"role": "control"}))
         for i in range(1, g.independent_solos + 1):
             runs.append(RunSpec(f"solo_indep{i}", "solo", seed + 1000 * i, tags={"role": "independent_solo"}))
+        if not full:
+            return runs
         for m in g.meta_sizes:
             if m == self.meta.n_latents:
                 continue
@@ -484,6 +518,15 @@ class Profile:
         if len(set(names)) != len(names):
             raise ConfigError(f"grid produces duplicate run names: {sorted(n for n in names if names.count(n) > 1)}")
         return runs
+
+    def is_full_seed(self, seed: int) -> bool:
+        """Does `seed` train the whole run list (``grid.full_seeds``)?"""
+        return self.grid.full_seeds == 0 or seed in self.seeds[:self.grid.full_seeds]
+
+    @property
+    def replicated_run(self) -> str:
+        """Name of the joint configuration trained on every seed (the headline)."""
+        return joint_name(self.grid.replicate_lambda2, self.grid.replicate_sigma2)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -583,6 +626,11 @@ def parse_seeds(text: str) -> list[int]:
 # ---------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------
+
+
+def joint_name(lambda2: float, sigma2: float) -> str:
+    """Run name of a joint SAE of the grid."""
+    return f"joint_l{_fmt(lambda2)}_s{_fmt(sigma2)}"
 
 
 def _fmt(x: float) -> str:

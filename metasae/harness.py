@@ -650,7 +650,31 @@ def main(argv: list[str] | None = None, prog: str = "python -m metasae.harness")
         return 130
     if results is not None:
         print(f"[metasae] all notebooks succeeded; see {results}")
+        ref = reference_dir(plan)
+        if ref is not None:
+            from metasae.summary import write_summary
+
+            print(f"[metasae] reference run: tables and summary.json written to {write_summary(plan.out, ref).parent}")
     return 0
+
+
+REFERENCE_PROFILES = ("default",)
+"""Profiles whose complete runs into the standard output folder refresh the committed
+reference (``results/<profile>/``: summary.json and the tables)."""
+
+
+def reference_dir(plan: Plan) -> Path | None:
+    """``results/<profile>`` for a complete run of a reference profile into ``outputs/<profile>``
+    with the profile's own seeds; None otherwise (other folders, seeds or profiles leave it alone)."""
+    if plan.only or plan.profile.name not in REFERENCE_PROFILES:
+        return None
+    if plan.out.resolve() != (paths.REPO_ROOT / "outputs" / plan.profile.name).resolve():
+        return None
+    from metasae.config import load_profile
+
+    if list(plan.seeds) != list(load_profile(plan.profile.name).seeds):
+        return None
+    return paths.REPO_ROOT / "results" / plan.profile.name
 
 
 if __name__ == "__main__":

@@ -61,8 +61,12 @@ def open_run(profile: str, out_dir: str | Path = "", figures_dir: str | Path = "
 
 
 def set_threads(ctx: RunContext) -> None:
-    if ctx.profile.train.threads:
-        torch.set_num_threads(ctx.profile.train.threads)
+    """Torch threads: ``METASAE_THREADS`` (parallel seeds in the harness), else ``train.threads``."""
+    from metasae.trainer import torch_threads
+
+    n = torch_threads(ctx.profile.train.threads)
+    if n:
+        torch.set_num_threads(n)
 
 
 # ---------------------------------------------------------------------------
@@ -124,19 +128,30 @@ def train_seed(ctx: RunContext, seed: int, progress: bool = True) -> dict[str, T
     if tr is None or not tr.get("complete"):
         cache = ensure_activations(ctx, progress=progress)
         B = p.train.batch_size
-        n_steps = cache.num_batches("train", B, p.train.epochs)
+        cut = cache.massive_norm(p.data.massive_norm_ratio)
+        n_steps = cache.num_batches("train", B, p.train.epochs, exclude_above=cut)
 
         def batches(start: int):
-            return cache.iter_batches("train", B, seed=seed, epochs=p.train.epochs, start_batch=start)
+            return cache.iter_batches("train", B, seed=seed, epochs=p.train.epochs, start_batch=start,
+                                      exclude_above=cut)
+
+        def calib():  # held-out tokens for the inference threshold (L0 = k on them)
+            return cache.valid_acts("calib", B)
 
         trainer = FanOutTrainer(p.sae, p.meta, p.train, runs, ckpt_root=root, progress=progress,
                                 desc=f"seed {seed}: {len(runs)} SAEs", rebuild_hint=_rebuild_hint(ctx, root))
-        trainer.train(batches, n_steps)
+        trainer.train(batches, n_steps, calib=calib, snapshot_steps=snapshot_steps(ctx, n_steps),
+                      snapshot_runs=("solo", p.replicated_run))
     _TRAINED[key] = {r.name: load_trained_run(root, r.name, _rebuild_hint(ctx, root)) for r in runs}
     return _TRAINED[key]
 
 
 _TRAINED: dict[tuple[str, int], dict[str, TrainedRun]] = {}
+
+
+def snapshot_steps(ctx: RunContext, n_steps: int) -> tuple[int, ...]:
+    """Primary steps at which solo and the replicated joint are saved (``train.snapshot_fractions``)."""
+    return tuple(sorted({max(1, int(round(f * n_steps))) for f in ctx.profile.train.snapshot_fractions} - {n_steps}))
 
 
 def _rebuild_hint(ctx: RunContext, folder: Path) -> str:
@@ -234,6 +249,8 @@ def evaluate_seed(ctx: RunContext, seed: int, progress: bool = True) -> dict[str
         rec["eer_fallbacks"] = thr[nm].counts_by_fallback()
         rec["eer_max_value"] = float(thr[nm].max_value)
         rec["run"] = dataclasses.asdict(trained[nm].spec)
+        if trained[nm].meta is not None:
+            rec.update(meta_fit(trained[nm].meta, run))
         s: PhiSummary = phi_summary(counts)
         del counts
         atomic_write_json(mdir / nm / "phi_summary.json", s.to_dict())
@@ -248,16 +265,98 @@ def evaluate_seed(ctx: RunContext, seed: int, progress: bool = True) -> dict[str
         lm = loaded_model(ctx)
         tokens, mask = _ce_rows(ctx, cache)
         ce_names = [nm for nm in names if trained[nm].spec.tags.get("role") in ("solo", "grid", "control")]
-        fns = {nm: (lambda x, s=trained[nm].sae: s.reconstruct(x.float().cpu()).to(x.device, x.dtype))
-               for nm in ce_names}
+        cut = cache.massive_norm(ctx.profile.data.massive_norm_ratio)
+        fns = {nm: splice_fn(trained[nm].sae, cut) for nm in ce_names}
+        if math.isfinite(cut):  # the same SAEs with every token spliced, massive activations included
+            for nm in ce_names:
+                if nm in ("solo", "joint_l0", ctx.profile.replicated_run):
+                    fns[f"{nm}::all"] = splice_fn(trained[nm].sae, float("inf"))
         if progress:
-            print(f"CE with {len(ce_names)} SAEs spliced in, on {int(mask.sum())} tokens")
+            print(f"CE with {len(fns)} splices, on {int(mask.sum())} tokens")
         raw_all = ce_with_splices(lm, ctx.profile.model.layer, tokens, mask, fns,
                                   batch_rows=ctx.profile.data.harvest_batch_rows)
         for nm, raw in raw_all.items():
-            ev[nm].update({"ce": raw, **ce_summary(raw)})
+            if nm.endswith("::all"):
+                summ = ce_summary(raw)
+                ev[nm[:-5]].update({"ce_all_tokens": raw, "ce_loss_score_all_tokens": summ["ce_loss_score"],
+                                    "delta_ce_pct_all_tokens": summ["delta_ce_pct"]})
+            else:
+                ev[nm].update({"ce": raw, **ce_summary(raw), "ce_massive_passthrough": math.isfinite(cut)})
     atomic_write_json(summary_path, ev)
     return ev
+
+
+@torch.no_grad()
+def meta_fit(meta, primary) -> dict[str, float]:
+    """How well the meta SAE rebuilds the final primary decoder rows: explained variance
+    1 - sum ||W_i - W_hat_i||^2 / sum ||W_i - mean W||^2 (rows as the meta SAE reads them,
+    its training rule), and the mean penalty term's distance ||W_i - W_hat_i||^2."""
+    from metasae.sae import meta_reconstruction
+
+    W = primary.W_dec_FD.detach().float()
+    W_hat = meta_reconstruction(meta, W)
+    err = (W - W_hat).pow(2).sum(1)
+    tss = float((W - W.mean(0)).pow(2).sum())
+    return {"meta_explained_variance": 1.0 - float(err.sum()) / tss if tss > 0 else float("nan"),
+            "meta_mean_sq_distance": float(err.mean())}
+
+
+def splice_fn(sae, massive_norm: float = float("inf")):
+    """What the CE splice puts in place of the activations: the SAE's reconstruction under its
+    global threshold (the one inference rule), with tokens whose norm exceeds `massive_norm`
+    passed through unchanged (``data.massive_norm_ratio``)."""
+    def fn(x):
+        xf = x.float().cpu()
+        out = sae.reconstruct(xf)
+        if math.isfinite(massive_norm):
+            keep = xf.norm(dim=1) > massive_norm
+            out[keep] = xf[keep]
+        return out.to(x.device, x.dtype)
+    return fn
+
+
+def snapshot_phi(ctx: RunContext, seed: int, progress: bool = True) -> list[dict[str, Any]]:
+    """Mean |phi| of solo and the replicated joint at their training snapshots and at the end
+    (``train.snapshot_fractions``): the paper's "not fully converged" question, per seed.
+
+    Each snapshot gets its own EER thresholds (calibration split) and its co-firing
+    counts on the phi split, as the final SAEs do.  Cached in ``metrics/snapshots.json``.
+    """
+    from safetensors.torch import load_file
+
+    from metasae.checkpoint import SAE_FILE, load_sae_tensors
+    from metasae.metrics.cooccurrence import CoFiringCounts, phi_summary
+    from metasae.metrics.recon import reconstruction_metrics
+    from metasae.metrics.thresholds import calibrate_eer_thresholds
+    from metasae.sae import BatchTopKSAE
+
+    path = metrics_dir(ctx, seed) / "snapshots.json"
+    if path.is_file():
+        return read_json(path)["rows"]
+    trained = train_seed(ctx, seed, progress=progress)
+    ev = evaluate_seed(ctx, seed, progress=progress)
+    tr = read_trainer(ckpt_root(ctx, seed))
+    n_steps, B = int(tr["n_steps"]), int(tr["batch_size"])
+    cache = ensure_activations(ctx, progress=False)
+    rows = []
+    for nm in ("solo", ctx.profile.replicated_run):
+        if nm not in trained:
+            continue
+        snaps = sorted((trained[nm].folder.parent / "snapshots").glob("step*"))
+        for folder in _bar(snaps, f"snapshots of {nm}", progress):
+            sae = BatchTopKSAE(trained[nm].sae.cfg)
+            load_sae_tensors(sae, load_file(str(folder / SAE_FILE)))
+            step = int(read_json(folder / "snapshot.json")["step"])
+            mv = _eer_max_value(sae, cache, B)
+            thr = calibrate_eer_thresholds(sae, cache.valid_acts("calib", B), batch_size=B, max_value=mv)
+            counts = CoFiringCounts(sae.cfg.n_latents)
+            reconstruction_metrics(sae, cache.valid_acts("phi", B), thresholds=thr, counts=counts)
+            rows.append({"run": nm, "step": step, "tokens": step * B, "frac": step / n_steps,
+                         "mean_abs_phi": phi_summary(counts).mean_abs_phi})
+        rows.append({"run": nm, "step": n_steps, "tokens": n_steps * B, "frac": 1.0,
+                     "mean_abs_phi": ev[nm]["mean_abs_phi"]})
+    atomic_write_json(path, {"rows": rows})
+    return rows
 
 
 def _bar(it, desc: str, enabled: bool):
@@ -286,8 +385,9 @@ def load_firing_rates(ctx: RunContext, seed: int, name: str) -> np.ndarray:
 def grid_rows(ctx: RunContext, ev: dict[str, dict[str, Any]], baseline: str = "solo") -> list[dict[str, Any]]:
     """One row per SAE: Delta mean|phi| %, Delta L2 %, Delta CE (percentage points of clean CE) vs `baseline`.
 
-    Delta L2 uses the training rule (BatchTopK, the paper's L2); the table also
-    carries the EER-rule MSE.  Delta CE % is each SAE's CE overhead as % of the
+    Every reconstruction metric (Delta L2, CE, KL) uses one rule: the SAE's global
+    inference threshold, calibrated to L0 = k on held-out tokens; the MSE under
+    BatchTopK and under the EER thresholds is carried beside it.  Delta CE % is each SAE's CE overhead as % of the
     clean CE (the paper's column), and its difference from the solo's.
     """
     from metasae.metrics.recon import delta_pct
@@ -300,10 +400,12 @@ def grid_rows(ctx: RunContext, ev: dict[str, dict[str, Any]], baseline: str = "s
             "run": nm, "role": spec["tags"].get("role", ""), "kind": spec["kind"], "lambda2": spec["lambda2"],
             "sigma2": spec["sigma2"], "meta_latents": spec["meta_latents"] or ctx.profile.meta.n_latents,
             "ortho_coef": spec["ortho_coef"],
-            "mean_abs_phi": e["mean_abs_phi"], "mse": e["mse_batchtopk"], "mse_eer": e["mse"],
-            "l0": e["l0"], "dead": e["dead"], "explained_variance": e["explained_variance"],
+            "mean_abs_phi": e["mean_abs_phi"], "mse": e["mse"], "mse_batchtopk": e.get("mse_batchtopk"),
+            "mse_eer": e.get("mse_eer"), "l0": e.get("l0_threshold", e["l0"]), "l0_eer": e["l0"],
+            "dead": e["dead"], "explained_variance_std": e.get("explained_variance_std"),
+            "explained_variance": e["explained_variance"],
             "delta_abs_phi_pct": delta_pct(e["mean_abs_phi"], base["mean_abs_phi"]),
-            "delta_l2_pct": delta_pct(e["mse_batchtopk"], base["mse_batchtopk"]),
+            "delta_l2_pct": delta_pct(e["mse"], base["mse"]),
         }
         if "delta_ce_pct" in e:
             row["delta_ce_pct"] = e["delta_ce_pct"]
@@ -339,17 +441,31 @@ def select_config(rows: list[dict[str, Any]], max_delta_l2_pct: float = 10.0) ->
     return min(grid, key=lambda r: r["delta_abs_phi_pct"])["run"]
 
 
-def selected_config(ctx: RunContext, seed: int) -> str:
-    """The selection for `seed`: made on seed ``profile.seeds[0]`` and reused for every seed, so
-    that all seeds compare the same configuration (recorded in ``selection.json``)."""
+def selected_config(ctx: RunContext, seed: int | None = None) -> str:
+    """The joint configuration every seed compares with its solo: ``grid.replicate_*``.
+
+    It is fixed in the profile before any result is seen (the paper's pick), so
+    the seeds that test it are not also the seeds that chose it.  What the
+    paper's selection rule picks on the first full seed is reported beside it
+    (:func:`rule_selection`)."""
+    return ctx.profile.replicated_run
+
+
+def rule_selection(ctx: RunContext) -> dict[str, Any]:
+    """The paper's selection rule (:func:`select_config`) applied to the first seed that trains the
+    whole grid; recorded in ``selection.json`` next to the replicated configuration."""
     path = ctx.out / "selection.json"
     if path.is_file():
-        return read_json(path)["selected"]
-    s0 = ctx.profile.seeds[0]
+        rec = read_json(path)
+        if rec.get("replicated") == ctx.profile.replicated_run and "selected_by_rule" in rec:
+            return rec
+    full = [s for s in ctx.profile.seeds if ctx.profile.is_full_seed(s)]
+    s0 = full[0] if full else ctx.profile.seeds[0]
     rows = grid_rows(ctx, evaluate_seed(ctx, s0, progress=False))
-    sel = select_config(rows)
-    atomic_write_json(path, {"selected": sel, "chosen_on_seed": s0, "rule": select_config.__doc__.split("\n")[0]})
-    return sel
+    rec = {"replicated": ctx.profile.replicated_run, "selected_by_rule": select_config(rows), "chosen_on_seed": s0,
+           "rule": select_config.__doc__.split("\n")[0]}
+    atomic_write_json(path, rec)
+    return rec
 
 
 # ---------------------------------------------------------------------------

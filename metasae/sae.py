@@ -83,11 +83,56 @@ class _GatherPre(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             x_c_BD = x_n_BD - b_dec_D
             S_FB = torch.sparse_coo_tensor(torch.stack([f_idx, b_idx]), g, (n, B), check_invariants=False)
-            grad_W = torch.sparse.mm(S_FB, x_c_BD).t()
+            # computed as F x D, returned as a contiguous D x F tensor (a transposed view
+            # would defeat the fused optimiser's contiguous fast path)
+            grad_W = torch.sparse.mm(S_FB, x_c_BD).t().contiguous()
         if ctx.needs_input_grad[1]:
             col_F = torch.zeros(n, dtype=g.dtype, device=g.device).index_add_(0, f_idx, g)
             grad_b = -(W_enc_DF @ col_F)
         return grad_W, grad_b, None, None, None, None
+
+
+class _DenseAux(torch.autograd.Function):
+    """AuxK reconstruction acts_BK @ W_dec[dead] from dense pre-activations of the dead latents.
+
+    ``acts_BK`` holds the kept (top aux_k per token) ReLU pre-activations of the
+    dead latents and zeros elsewhere, in the dtype of the encoder GEMM (bf16
+    under autocast).  The backward is the exact gradient of the same
+    expression, as dense GEMMs over the dead subset:
+
+        d acts   = (g @ W_dec[dead]^T) * [acts > 0]
+        d W_dec[dead]    = acts^T @ g
+        d W_enc[:, dead] = (x_n - b_dec)^T @ d acts
+        d b_dec          = -W_enc[:, dead] @ colsum(d acts)
+    """
+
+    @staticmethod
+    def forward(ctx, W_enc_DF: Tensor, b_dec_D: Tensor, W_dec_FD: Tensor, x_n_BD: Tensor, dead_idx: Tensor,
+                acts_BK: Tensor) -> Tensor:  # type: ignore[override]
+        dt = acts_BK.dtype
+        W_dead_KD = W_dec_FD.detach()[dead_idx].to(dt)
+        ctx.save_for_backward(W_enc_DF, b_dec_D, x_n_BD, dead_idx, acts_BK, W_dead_KD)
+        ctx.n = W_dec_FD.shape[0]
+        return (acts_BK @ W_dead_KD).float()
+
+    @staticmethod
+    def backward(ctx, g_BD: Tensor):  # type: ignore[override]
+        W_enc_DF, b_dec_D, x_n_BD, dead_idx, acts_BK, W_dead_KD = ctx.saved_tensors
+        dt = acts_BK.dtype
+        g = g_BD.to(dt)
+        grad_Wenc = grad_b = grad_Wdec = None
+        g_acts = (g @ W_dead_KD.t()) * (acts_BK > 0)
+        if ctx.needs_input_grad[2]:
+            grad_Wdec = torch.zeros(ctx.n, g_BD.shape[1], dtype=torch.float32, device=g_BD.device)
+            grad_Wdec.index_copy_(0, dead_idx, (acts_BK.t() @ g).float())
+        if ctx.needs_input_grad[0]:
+            x_c = (x_n_BD - b_dec_D.detach()).to(dt)
+            grad_Wenc = torch.zeros_like(W_enc_DF)
+            grad_Wenc.index_copy_(1, dead_idx, (x_c.t() @ g_acts).float())
+        if ctx.needs_input_grad[1]:
+            col_K = g_acts.float().sum(0)
+            grad_b = -(W_enc_DF.detach()[:, dead_idx] @ col_K)
+        return grad_Wenc, grad_b, grad_Wdec, None, None, None
 
 
 def _topk_flat_indices(pre_BF: Tensor, kk: int, sample_rows: int = 256, margin: float = 1.5) -> Tensor:
@@ -243,16 +288,18 @@ class BatchTopKSAE(nn.Module):
         return ForwardOutput(x_hat, mse + aux, mse, aux, l0, n_dead, min_kept)
 
     def _aux_loss(self, pre_BF: Tensor, x_n_BD: Tensor, x_hat_n_BD: Tensor, dead_F: Tensor) -> Tensor:
-        """AuxK: the top aux_k dead pre-activations reconstruct the residual x_n - x_hat (detached)."""
+        """AuxK: the top aux_k dead pre-activations reconstruct the residual x_n - x_hat (detached).
+
+        Computed densely over the dead subset only (B x n_dead GEMMs, bf16 under
+        autocast with fp32 master weights): with aux_k a sizeable fraction of the
+        dead latents this beats a sparse gather of B * aux_k entries by a wide margin.
+        """
         dead_idx = torch.nonzero(dead_F).squeeze(1)
         k_aux = min(self.cfg.aux_k, dead_idx.numel())
-        B = pre_BF.shape[0]
-        top = torch.topk(pre_BF[:, dead_idx], k_aux, dim=1)
-        f_idx = dead_idx[top.indices].reshape(-1)
-        b_idx = torch.arange(B, device=pre_BF.device).repeat_interleave(k_aux)
-        vals = _GatherPre.apply(self.W_enc_DF, self.b_dec_D, pre_BF, x_n_BD, b_idx, f_idx)
-        offsets = torch.arange(B, device=pre_BF.device) * k_aux
-        recon = self._decode_sparse(f_idx, offsets, vals, self.W_dec_FD)
+        pre_BK = pre_BF[:, dead_idx]
+        top = torch.topk(pre_BK, k_aux, dim=1)
+        acts_BK = torch.zeros_like(pre_BK).scatter_(1, top.indices, top.values)
+        recon = _DenseAux.apply(self.W_enc_DF, self.b_dec_D, self.W_dec_FD, x_n_BD, dead_idx, acts_BK)
         residual = (x_n_BD - x_hat_n_BD).detach()
         return self.cfg.aux_coef * (recon - residual).pow(2).mean()
 
@@ -296,20 +343,63 @@ class BatchTopKSAE(nn.Module):
     def evaluate_batch(self, x_BD: Tensor, thresholds_F: Tensor | None = None) -> dict[str, Tensor]:
         """Everything the evaluation needs from one encoder pass over a batch.
 
-        ``fired_BF`` (pre > threshold), the reconstruction ``x_hat_BD`` (raw space)
-        and the summed squared error in standardised space under the threshold
-        rule (``sse_threshold``) and under the training rule, BatchTopK over this
-        batch (``sse_batchtopk``).
+        Firing (``fired_BF``, for co-firing, firing rates and dead latents) uses the
+        per-latent thresholds when given (EER, SPEC 3.1).  Reconstruction uses one
+        rule for every metric: the stored global inference threshold (calibrated
+        to L0 = k on held-out tokens at the end of training), the rule the CE splice
+        and the SAELens export use too: ``x_hat_BD`` (raw space), ``sse_threshold``
+        (standardised space) and ``l0_threshold``.  For comparison the same batch
+        is also reconstructed under the EER thresholds (``sse_eer``) and under
+        BatchTopK over this batch (``sse_batchtopk``).  ``sum_xn`` / ``sum_xn2`` give
+        the standardised inputs' variance about their mean (explained variance).
         """
         x = x_BD.float()
         x_n, mu, std = self.standardize(x)
         pre = self._pre_from_normalized(x_n)
-        th = thresholds_F if thresholds_F is not None else self.threshold.clamp_min(0)
+        th_global = self.threshold.clamp_min(0)
+        th = thresholds_F if thresholds_F is not None else th_global
         fired = pre > th
-        x_hat_n = self.decode_acts(pre * fired)
+        on_global = pre > th_global
+        x_hat_n = self.decode_acts(pre * on_global)
+        eer_n = self.decode_acts(pre * fired) if thresholds_F is not None else x_hat_n
         btk_n = self.decode_acts(pre * self.batch_topk_mask(pre))
         return {"fired_BF": fired, "x_hat_BD": self.unstandardize(x_hat_n, mu, std),
-                "sse_threshold": (x_hat_n - x_n).pow(2).sum(), "sse_batchtopk": (btk_n - x_n).pow(2).sum()}
+                "sse_threshold": (x_hat_n - x_n).pow(2).sum(), "sse_eer": (eer_n - x_n).pow(2).sum(),
+                "sse_batchtopk": (btk_n - x_n).pow(2).sum(), "l0_threshold": on_global.sum(),
+                "sum_xn": x_n.double().sum(0), "sum_xn2": x_n.double().pow(2).sum()}
+
+    @torch.no_grad()
+    def calibrate_threshold(self, chunks, margin: float = 2.0) -> dict[str, float]:
+        """Set the inference threshold so that L0 = k on the given tokens (held-out activations).
+
+        The threshold is the (k * N)-th largest ReLU pre-activation over all N
+        tokens: BatchTopK's rule over one batch of every token, turned into a
+        batch-independent JumpReLU.  Each chunk keeps its ``margin * k * N_c``
+        largest values; the result is exact when no chunk holds more than that
+        many of the global top k * N (checked; otherwise recomputed with a
+        larger margin).  Returns the new and the previous (training EMA) value.
+        """
+        chunks = list(chunks)
+        N = sum(int(x.shape[0]) for x in chunks)
+        if N == 0:
+            raise ValueError("threshold calibration needs at least one token")
+        kk = self.cfg.k * N
+        while True:
+            kept, floors = [], []
+            for x in chunks:
+                pre = self.pre_acts(x).reshape(-1)
+                r = min(pre.numel(), int(math.ceil(margin * self.cfg.k * x.shape[0])))
+                v = torch.topk(pre, r, sorted=False).values
+                kept.append(v)
+                floors.append(float(v.min()) if r < pre.numel() else -1.0)
+            allv = torch.cat(kept)
+            t = float(torch.topk(allv, min(kk, allv.numel()), sorted=False).values.min())
+            if all(f < t or f <= 0 for f in floors) or margin >= 64:
+                break
+            margin *= 4
+        old = float(self.threshold)
+        self.threshold.fill_(max(t, 0.0))
+        return {"threshold": float(self.threshold), "threshold_ema": old, "calib_tokens": N}
 
     # -- decoder geometry -------------------------------------------------
     @torch.no_grad()
@@ -380,6 +470,28 @@ def orthogonality_penalty(W_dec_FD: Tensor, chunk: int = 4096, generator: torch.
     for start in range(0, n, chunk):
         idx = perm[start:start + chunk]
         Wc = W[idx]
-        cos = (Wc @ Wc.t()).masked_fill(torch.eye(len(idx), dtype=torch.bool, device=Wc.device), -1.0)
-        total = total + cos.max(dim=1).values.clamp_min(0).pow(2).sum()
+        total = total + _max_sq_cosine(Wc).sum()
     return total / n
+
+
+def _max_sq_cosine(Wc: Tensor, n_cand: int = 4) -> Tensor:
+    """Per row, max(0, largest cosine to another row)^2, with the gradient of that exact value.
+
+    The c x c cosine matrix is only needed to find each row's nearest neighbour:
+    it is computed without gradient in bfloat16; the ``n_cand`` best candidates
+    of each row are then re-scored exactly in float32 and the largest taken.
+    Only the chosen pairs carry gradient (as with a max over the full fp32
+    matrix).  The result differs from the full fp32 computation only if the
+    true nearest neighbour is outside the bf16 top ``n_cand`` (cosine gaps
+    below bf16 resolution, ~0.4% relative).
+    """
+    c = Wc.shape[0]
+    if c < 2:
+        return Wc.new_zeros(c)
+    with torch.no_grad():
+        Wb = Wc.detach().to(torch.bfloat16)
+        G = Wb @ Wb.t()
+        G.fill_diagonal_(-2.0)
+        cand = torch.topk(G, min(n_cand, c - 1), dim=1).indices
+    cos = (Wc.unsqueeze(1) * Wc[cand]).sum(-1)
+    return cos.max(dim=1).values.clamp_min(0).pow(2)

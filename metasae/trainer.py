@@ -73,6 +73,7 @@ class RunState:
     generator: torch.Generator | None = None
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     last_meta_mse: float = float("nan")
+    calibration: dict[str, float] | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -85,7 +86,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _adam(params, cfg: SAEConfig) -> torch.optim.Adam:
-    return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    """Adam with the fused kernel (one pass over each parameter; CPU and CUDA)."""
+    return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
 class FanOutTrainer:
@@ -165,7 +167,9 @@ class FanOutTrainer:
         for st in states:
             write_run_step(self.ckpt_root / st.spec.name, step, st.spec, st.primary, st.opt, st.meta, st.meta_opt,
                            st.generator, st.history, {"last_meta_mse": st.last_meta_mse,
-                                                      "tokens": step * self.train_cfg.batch_size})
+                                                      "tokens": step * self.train_cfg.batch_size,
+                                                      **({"threshold_calibration": st.calibration}
+                                                         if st.calibration else {})})
         if complete:  # exported before the final commit: a completed trainer.json implies complete exports
             for st in states:
                 export_saelens(st.primary, self.ckpt_root / st.spec.name / "saelens",
@@ -183,12 +187,22 @@ class FanOutTrainer:
                     shutil.rmtree(old, ignore_errors=True)
 
     # -- the loop -----------------------------------------------------------
-    def train(self, batches: BatchSource, n_steps: int) -> list[RunState]:
-        """Run `n_steps` primary steps (resuming from the last commit if any)."""
+    def train(self, batches: BatchSource, n_steps: int, calib: Callable[[], Iterator[torch.Tensor]] | None = None,
+              snapshot_steps: tuple[int, ...] = (), snapshot_runs: tuple[str, ...] = ()) -> list[RunState]:
+        """Run `n_steps` primary steps (resuming from the last commit if any).
+
+        ``calib``: held-out activation chunks; before the final commit every
+        primary's inference threshold is set so that L0 = k on them
+        (:meth:`BatchTopKSAE.calibrate_threshold`), replacing the training EMA.
+        ``snapshot_steps``: after these primary steps the primaries of
+        ``snapshot_runs`` are saved to ``<run>/snapshots/step<N>/`` (weights
+        only; for metrics along training).
+        """
         if n_steps <= 0:
             raise ConfigError(f"the training split yields no full batch of {self.train_cfg.batch_size} tokens")
-        if self.train_cfg.threads:
-            torch.set_num_threads(self.train_cfg.threads)
+        threads = torch_threads(self.train_cfg.threads)
+        if threads:
+            torch.set_num_threads(threads)
         start = 0
         states: list[RunState] | None = None
         if self.ckpt_root is not None:
@@ -242,10 +256,17 @@ class FanOutTrainer:
                     bar.set_postfix(tok_s=f"{tok_s:,.0f}")
                 bar.update(1)
                 done = step + 1
+                if done in snapshot_steps and self.ckpt_root is not None:
+                    for st in states:
+                        if st.spec.name in snapshot_runs:
+                            write_snapshot(self.ckpt_root / st.spec.name, done, st.primary)
                 if done % every_ckpt == 0 and done != n_steps:
                     self._commit(states, done, n_steps, complete=False)
         finally:
             bar.close()
+        if calib is not None:
+            for st in states:
+                st.calibration = st.primary.calibrate_threshold(calib())
         self._commit(states, n_steps, n_steps, complete=True)
         return states
 
@@ -295,6 +316,26 @@ class FanOutTrainer:
         st.meta_opt.step()
         meta.normalize_decoder()
         st.last_meta_mse = float(out.mse.detach())
+
+
+def torch_threads(configured: int = 0) -> int:
+    """Torch threads for this process: ``METASAE_THREADS`` (set by the harness when it runs
+    seeds in parallel processes) wins over the profile's ``train.threads``; 0 = leave torch's default."""
+    env = os.environ.get("METASAE_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return int(configured or 0)
+
+
+def write_snapshot(run_dir: Path, step: int, sae: BatchTopKSAE) -> Path:
+    """Weights of a primary at `step` (``<run>/snapshots/step<N>/sae.safetensors``), written atomically."""
+    from metasae.checkpoint import SAE_FILE, save_safetensors, sae_tensors
+
+    folder = Path(run_dir) / "snapshots" / step_dirname(step)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_safetensors(sae_tensors(sae), folder / SAE_FILE)
+    atomic_write_json(folder / "snapshot.json", {"step": step})
+    return folder
 
 
 def default_threads() -> int:

@@ -284,10 +284,14 @@ def test_evaluate_batch_matches_the_separate_inference_paths():
     x = sparse_data(B, seed=8)
     th = torch.rand(N, generator=torch.Generator().manual_seed(3))
     out = sae.evaluate_batch(x, th)
+    # firing follows the per-latent (EER) thresholds; every reconstruction metric the global threshold
     assert torch.equal(out["fired_BF"], sae.pre_acts(x) > th)
-    torch.testing.assert_close(out["x_hat_BD"], sae.reconstruct(x, th))
-    dense = sae.encode(x, th) @ sae.W_dec_FD + sae.b_dec_D  # the dense GEMM the sparse decode replaces
+    torch.testing.assert_close(out["x_hat_BD"], sae.reconstruct(x))
+    assert int(out["l0_threshold"]) == int((sae.pre_acts(x) > 0.5).sum())
+    dense = sae.encode(x) @ sae.W_dec_FD + sae.b_dec_D  # the dense GEMM the sparse decode replaces
     x_n = sae.standardize(x)[0]
     torch.testing.assert_close(out["sse_threshold"] / x.numel(), (dense - x_n).pow(2).mean(), rtol=1e-5, atol=1e-7)
+    dense_eer = sae.encode(x, th) @ sae.W_dec_FD + sae.b_dec_D
+    torch.testing.assert_close(out["sse_eer"] / x.numel(), (dense_eer - x_n).pow(2).mean(), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(float(out["sse_batchtopk"]) / x.numel(), sae.mse_standardized(x, batch_topk=True),
                                rtol=1e-5, atol=1e-7)

@@ -339,7 +339,8 @@ class ActivationCache:
         self.d = int(self.manifest["d"])
         self.dtype = self.manifest["dtype"]
         self._shards: dict[tuple[str, int], np.ndarray] = {}
-        self._flat: dict[str, _Flat] = {}
+        self._flat: dict[tuple[str, float], _Flat] = {}
+        self._norms: dict[str, np.ndarray] = {}
         missing = [sh["file"] for s in SPLITS for sh in self.manifest["splits"][s]["shards"] if not sh.get("sha256")]
         if missing:
             raise IntegrityError(f"the activation cache in {self.dir} is incomplete ({len(missing)} shards missing, "
@@ -416,19 +417,41 @@ class ActivationCache:
         if n:
             yield torch.cat(buf)
 
-    # -- shuffled training batches -------------------------------------
-    def _flat_index(self, split: str) -> np.ndarray:
-        if split not in self._flat:
-            m = self.mask(split).numpy().reshape(-1)
-            self._flat[split] = _Flat(np.flatnonzero(m).astype(np.int64))
-        return self._flat[split].index
+    # -- massive activations -----------------------------------------------
+    def token_norms(self, split: str) -> np.ndarray:
+        """L2 norm of every valid position's activation, in stream order (float32; computed once)."""
+        key = f"norms_{self._check(split)}"
+        if key not in self._norms:
+            self._norms[key] = np.concatenate(
+                [x.norm(dim=1).numpy() for x in self.valid_acts(split, 65536)]).astype(np.float32)
+        return self._norms[key]
 
-    def num_batches(self, split: str, batch_size: int, epochs: float = 1.0, drop_last: bool = True) -> int:
-        total = int(math.floor(epochs * self.n_valid(split)))
+    def massive_norm(self, ratio: float) -> float:
+        """The norm above which a token counts as a massive activation: ``ratio`` x the median
+        token norm of the training split (``data.massive_norm_ratio``); +inf when ratio is 0."""
+        if not ratio:
+            return float("inf")
+        return float(ratio * np.median(self.token_norms("train")))
+
+    # -- shuffled training batches -------------------------------------
+    def _flat_index(self, split: str, exclude_above: float = float("inf")) -> np.ndarray:
+        key = (split, exclude_above)
+        if key not in self._flat:
+            m = self.mask(split).numpy().reshape(-1)
+            idx = np.flatnonzero(m).astype(np.int64)
+            if math.isfinite(exclude_above):
+                idx = idx[self.token_norms(split) <= exclude_above]
+            self._flat[key] = _Flat(idx)
+        return self._flat[key].index
+
+    def num_batches(self, split: str, batch_size: int, epochs: float = 1.0, drop_last: bool = True,
+                    exclude_above: float = float("inf")) -> int:
+        n = self.n_valid(split) if not math.isfinite(exclude_above) else len(self._flat_index(split, exclude_above))
+        total = int(math.floor(epochs * n))
         return total // batch_size if drop_last else -(-total // batch_size)
 
     def iter_batches(self, split: str, batch_size: int, seed: int, epochs: float = 1.0, start_batch: int = 0,
-                     drop_last: bool = True) -> Iterator[torch.Tensor]:
+                     drop_last: bool = True, exclude_above: float = float("inf")) -> Iterator[torch.Tensor]:
         """Shuffled float32 B x D batches over the split's valid positions.
 
         Sample order = permutation(seed, epoch 0) ++ permutation(seed, epoch 1) ++ ...
@@ -438,12 +461,12 @@ class ActivationCache:
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}")
-        flat = self._flat_index(self._check(split))
+        flat = self._flat_index(self._check(split), exclude_above)
         n = len(flat)
         if n == 0:
             raise ValueError(f"split {split!r} has no valid positions")
         total = int(math.floor(epochs * n))
-        nb = self.num_batches(split, batch_size, epochs, drop_last)
+        nb = self.num_batches(split, batch_size, epochs, drop_last, exclude_above)
         acts = ShardedActs(self, split)
         perms: dict[int, np.ndarray] = {}
 

@@ -43,7 +43,10 @@ def reconstruction_metrics(sae, batches: Iterable[torch.Tensor], thresholds=None
     n_lat = int(sae.cfg.n_latents)
     fire_counts = torch.zeros(n_lat, dtype=torch.int64)
     n_tok = 0
-    sse_std = sse_btk = 0.0
+    sse_std = sse_btk = sse_eer = 0.0
+    l0_thr = 0
+    sn1 = None
+    sn2 = 0.0
     n_elem = 0
     rss = 0.0
     s1 = None
@@ -61,6 +64,10 @@ def reconstruction_metrics(sae, batches: Iterable[torch.Tensor], thresholds=None
             fired, x_hat = out["fired_BF"], out["x_hat_BD"].float()
             sse_std += float(out["sse_threshold"])
             sse_btk += float(out["sse_batchtopk"])
+            sse_eer += float(out["sse_eer"])
+            l0_thr += int(out["l0_threshold"])
+            sn1 = out["sum_xn"] if sn1 is None else sn1 + out["sum_xn"]
+            sn2 += float(out["sum_xn2"])
         else:
             fired = sae.pre_acts(x) > theta
             x_hat = sae.reconstruct(x, thr_arg).float()
@@ -94,7 +101,15 @@ def reconstruction_metrics(sae, batches: Iterable[torch.Tensor], thresholds=None
         "threshold_rule": "global" if thresholds is None else "per_latent",
     }
     if fused:
+        # one rule for every reconstruction metric: the SAE's global inference threshold
+        out["mse"] = sse_std / n_elem
+        out["reconstruction_rule"] = "global threshold (L0 = k on held-out tokens)"
+        out["mse_eer"] = sse_eer / n_elem
         out["mse_batchtopk"] = sse_btk / n_elem
+        out["l0_threshold"] = l0_thr / n_tok
+        tss_std = sn2 - float((sn1 ** 2).sum()) / n_tok
+        out["explained_variance_std"] = 1.0 - sse_std / tss_std if tss_std > 0 else float("nan")
+        out["dead_frac"] = out["dead"] / n_lat
     return out
 
 
