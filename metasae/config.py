@@ -519,6 +519,30 @@ class Profile:
             raise ConfigError(f"grid produces duplicate run names: {sorted(n for n in names if names.count(n) > 1)}")
         return runs
 
+    def train_memory_bytes(self, seed: int | None = None) -> int:
+        """Estimated peak memory of one seed's fan-out trainer (the largest seed when None).
+
+        Per SAE: W_enc, W_dec and b_dec in fp32, their gradients and Adam's two
+        moments (x4), plus a meta SAE for joint runs; per step: the B x n
+        pre-activations (bf16 and an fp32 copy), the AuxK block, the batch and its
+        standardised copy.  A planning figure, kept conservative (x1.25).
+        """
+        d, n, B = self.sae.d_in or _registry_width(self.model.name), self.sae.n_latents, self.train.batch_size
+        seeds = [seed] if seed is not None else list(self.seeds)
+        best = 0
+        for s in seeds:
+            total = 0
+            for r in self.runs_for_seed(s):
+                total += 4 * (2 * n * d + d) * 4
+                if r.kind == "joint":
+                    m = r.meta_latents or self.meta.n_latents
+                    total += 4 * (2 * m * d + d) * 4 + n * d * 4 * 3
+                if r.kind == "ortho":
+                    total += min(n, 4096) ** 2 * 6
+            total += B * n * (2 + 4 + 4) + B * d * 4 * 6
+            best = max(best, total)
+        return int(best * 1.25)
+
     def is_full_seed(self, seed: int) -> bool:
         """Does `seed` train the whole run list (``grid.full_seeds``)?"""
         return self.grid.full_seeds == 0 or seed in self.seeds[:self.grid.full_seeds]

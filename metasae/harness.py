@@ -166,7 +166,39 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         notebooks = wanted
     jobs = parse_jobs(args.jobs, "--jobs") if args.jobs is not None else parse_jobs(
         os.environ.get(JOBS_ENV) or "1", JOBS_ENV)
+    check_memory(profile, jobs)
     return Plan(profile, list(profile.seeds), out, figures, notebooks, only=bool(args.only), jobs=jobs)
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (None where it cannot be read)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_memory(profile: Profile, jobs: int, available: int | None = None) -> None:
+    """Refuse, before any work, a CPU profile whose trainers (``jobs`` at once) will not fit in memory."""
+    if profile.train.device != "cpu":
+        return  # a GPU's memory is checked where torch is loaded
+    available = available_memory_bytes() if available is None else available
+    if available is None:
+        return
+    try:
+        need = profile.train_memory_bytes() * max(1, min(jobs, len(profile.seeds)))
+    except ConfigError:
+        return
+    if need > available:
+        raise HarnessError(
+            f"training profile {profile.name!r} needs about {need / 2 ** 30:.1f} GiB of memory "
+            f"({min(jobs, len(profile.seeds))} seed(s) at once, sae.n_latents = {profile.sae.n_latents}, "
+            f"train.batch_size = {profile.train.batch_size}, {len(profile.runs_for_seed(profile.seeds[0]))} SAEs on "
+            f"seed {profile.seeds[0]}) but {available / 2 ** 30:.1f} GiB are available; lower sae.n_latents, "
+            f"train.batch_size or the grid, or run with --jobs 1")
 
 
 def parse_jobs(text: str, what: str = "--jobs") -> int:

@@ -273,3 +273,34 @@ def test_registry_widths():
     assert MODEL_REGISTRY["gemma-2-9b"].d_model == 3584 and MODEL_REGISTRY["gemma-2-9b"].n_layers == 42
     assert MODEL_REGISTRY["smollm2-135m"].d_model == 576
     assert np.isfinite(MODEL_REGISTRY["smollm2-135m"].d_model)
+
+
+def test_massive_tokens_are_left_out_of_training_batches(built):
+    _, cache = built
+    norms = cache.token_norms("train")
+    ref = torch.cat(list(cache.valid_acts("train")))
+    assert np.allclose(norms, ref.norm(dim=1).numpy(), rtol=1e-6)
+    cut = float(np.quantile(norms, 0.8))  # leave out the top 20% of this tiny split
+    assert cache.massive_norm(0) == float("inf")
+    assert cache.massive_norm(2.0) == pytest.approx(2.0 * float(np.median(norms)))
+    kept = int((norms <= cut).sum())
+    assert cache.num_batches("train", 8, exclude_above=cut, drop_last=False) == -(-kept // 8)
+    ep = torch.cat(list(cache.iter_batches("train", 8, seed=1, exclude_above=cut, drop_last=False)))
+    assert ep.shape[0] == kept and float(ep.norm(dim=1).max()) <= cut * (1 + 1e-6)
+    # without the cut the same seed gives the full split
+    assert torch.cat(list(cache.iter_batches("train", 8, seed=1, drop_last=False))).shape[0] == len(norms)
+
+
+def test_splice_passes_massive_tokens_through_unchanged():
+    from metasae.pipeline import splice_fn
+    from metasae.sae import BatchTopKSAE
+
+    sae = BatchTopKSAE(SAEConfig(d_in=16, n_latents=32, k=2), seed=0)
+    x = torch.randn(10, 16)
+    x[3] *= 100.0
+    cut = float(x.norm(dim=1).median()) * 5
+    out = splice_fn(sae, cut)(x)
+    assert torch.equal(out[3], x[3])
+    rest = [i for i in range(10) if i != 3]
+    assert torch.allclose(out[rest], sae.reconstruct(x)[rest])
+    assert not torch.equal(splice_fn(sae)(x)[3], x[3])  # no cut: every token is spliced

@@ -349,3 +349,33 @@ def test_profiles_validate_without_torch():
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
                           env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_replication_seeds_train_only_what_the_headline_needs():
+    raw = with_({"seeds": [0, 1, 2], "grid.full_seeds": 1, "grid.lambda2": [0.1, 0.3], "grid.sigma2": [1.0, 3.0]})
+    prof = profile_from_dict(raw)
+    full = [r.name for r in prof.runs_for_seed(0)]
+    rep = [r.name for r in prof.runs_for_seed(2)]
+    assert prof.replicated_run == "joint_l0.3_s1" and prof.is_full_seed(0) and not prof.is_full_seed(1)
+    assert {"joint_l0.1_s1", "joint_l0.3_s3", "meta_m12", "ortho_c0.1"} <= set(full)
+    assert rep == ["solo", "joint_l0.3_s1", "joint_l0", "solo_indep1"]
+    # the replicated runs are the same specs (names, seeds) as on a full seed
+    assert [r for r in prof.runs_for_seed(2) if r.name == "joint_l0.3_s1"][0].seed == 2
+    every = profile_from_dict(with_({"grid.full_seeds": 0}))
+    assert [r.name for r in every.runs_for_seed(1)] == [r.name for r in every.runs_for_seed(0)]
+
+
+def test_replicated_configuration_must_be_in_the_grid():
+    with pytest.raises(ConfigError, match="grid.replicate_lambda2 / replicate_sigma2"):
+        profile_from_dict(with_({"grid.replicate_lambda2": 1.0}))
+
+
+def test_profile_that_does_not_fit_in_memory_is_refused_naming_the_setting():
+    from metasae.harness import HarnessError, check_memory
+
+    prof = profile_from_dict(base())
+    need = prof.train_memory_bytes()
+    check_memory(prof, jobs=1, available=need + 1)
+    with pytest.raises(HarnessError, match="sae.n_latents = 256") as exc:
+        check_memory(prof, jobs=2, available=need + 1)  # two seeds at once need twice as much
+    assert "--jobs 1" in str(exc.value)

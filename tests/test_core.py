@@ -295,3 +295,121 @@ def test_evaluate_batch_matches_the_separate_inference_paths():
     torch.testing.assert_close(out["sse_eer"] / x.numel(), (dense_eer - x_n).pow(2).mean(), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(float(out["sse_batchtopk"]) / x.numel(), sae.mse_standardized(x, batch_topk=True),
                                rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------
+# The fast fan-out: same math as the straightforward versions
+# ---------------------------------------------------------------------------
+
+
+def dense_aux_reference(sae: BatchTopKSAE, x: torch.Tensor, x_hat_n: torch.Tensor, dead: torch.Tensor):
+    """AuxK written the straightforward way: dense autograd through ReLU(x_n W) over every latent."""
+    x_n, _, _ = sae.standardize(x)
+    pre = torch.relu((x_n - sae.b_dec_D) @ sae.W_enc_DF)
+    masked = pre.masked_fill(~dead, 0.0)
+    k_aux = min(sae.cfg.aux_k, int(dead.sum()))
+    idx = torch.topk(masked.detach().masked_fill(~dead, -1.0), k_aux, dim=1).indices
+    keep = torch.zeros_like(pre, dtype=torch.bool).scatter_(1, idx, True)
+    recon = (pre * keep) @ sae.W_dec_FD
+    return sae.cfg.aux_coef * (recon - (x_n - x_hat_n).detach()).pow(2).mean()
+
+
+def test_dense_auxk_gradients_match_autograd_reference():
+    a, b = BatchTopKSAE(SAE_CFG, seed=6), BatchTopKSAE(SAE_CFG, seed=6)
+    with torch.no_grad():
+        for s in (a, b):
+            s.b_dec_D.normal_(generator=torch.Generator().manual_seed(1))
+    x = sparse_data(B, seed=3)
+    dead = torch.zeros(N, dtype=torch.bool)
+    dead[torch.randperm(N, generator=torch.Generator().manual_seed(0))[:40]] = True
+    x_n, _, _ = a.standardize(x)
+    x_hat_n = 0.5 * x_n
+    pre = a._pre_from_normalized(x_n)
+    a._aux_loss(pre, x_n, x_hat_n, dead).backward()
+    dense_aux_reference(b, x, x_hat_n, dead).backward()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_orthogonality_penalty_equals_full_fp32_max_cosine():
+    W1 = torch.randn(300, D, generator=torch.Generator().manual_seed(2)).requires_grad_()
+    W2 = W1.detach().clone().requires_grad_()
+    got = orthogonality_penalty(W1, chunk=128, generator=torch.Generator().manual_seed(9))
+    # reference: the full fp32 cosine matrix of every chunk, same permutation
+    perm = torch.randperm(300, generator=torch.Generator().manual_seed(9))
+    Wn = W2 / W2.norm(dim=1, keepdim=True)
+    ref = W2.new_zeros(())
+    for s in range(0, 300, 128):
+        Wc = Wn[perm[s:s + 128]]
+        cos = (Wc @ Wc.t()).masked_fill(torch.eye(len(Wc), dtype=torch.bool), -1.0)
+        ref = ref + cos.max(dim=1).values.clamp_min(0).pow(2).sum()
+    ref = ref / 300
+    got.backward()
+    ref.backward()
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(W1.grad, W2.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_each_run_of_a_fanout_equals_its_single_run_path():
+    runs = [RunSpec("solo", "solo", 0), RunSpec("joint", "joint", 0, 0.3, 1.0), RunSpec("ortho", "ortho", 0, ortho_coef=0.1),
+            RunSpec("indep", "solo", 1000)]
+    data = sparse_data(14 * B)
+    cfg = TrainConfig(batch_size=B, eval_every_steps=7)
+    together = FanOutTrainer(SAE_CFG, META, cfg, runs, progress=False).train(source(data), 14)
+    for st in together:
+        alone = FanOutTrainer(SAE_CFG, META, cfg, [st.spec], progress=False).train(source(data), 14)[0]
+        for pa, pb in zip(st.primary.parameters(), alone.primary.parameters()):
+            assert torch.equal(pa, pb), st.spec.name
+        if st.meta is not None:
+            for pa, pb in zip(st.meta.parameters(), alone.meta.parameters()):
+                assert torch.equal(pa, pb), st.spec.name
+
+
+def test_calibrated_threshold_gives_l0_k_on_calibration_and_close_on_held_out(tmp_path):
+    trainer = FanOutTrainer(SAE_CFG, META, TrainConfig(batch_size=B), [RunSpec("solo")], progress=False,
+                            ckpt_root=tmp_path)
+    calib = sparse_data(40 * B, seed=50)
+    states = trainer.train(source(sparse_data(60 * B)), 60, calib=lambda: iter(calib.split(8 * B)))
+    sae = states[0].primary
+    assert states[0].calibration["threshold"] == float(sae.threshold)
+    l0_calib = float((sae.encode(calib) > 0).sum()) / calib.shape[0]
+    assert abs(l0_calib - K) <= 0.01 * K, l0_calib  # exact up to ties
+    held = sparse_data(40 * B, seed=77)
+    l0 = float((sae.encode(held) > 0).sum()) / held.shape[0]
+    assert abs(l0 - K) / K <= 0.10, l0
+    # the stored checkpoint and the SAELens export carry the calibrated threshold
+    again = load_trained_run(tmp_path, "solo")
+    assert float(again.sae.threshold) == float(sae.threshold)
+
+
+def test_calibration_is_exact_when_one_chunk_holds_most_of_the_top_values():
+    sae = BatchTopKSAE(SAE_CFG, seed=0)
+    quiet = sparse_data(4 * B, seed=1) * 0.0 + 2.0  # constant tokens: tiny pre-activations
+    loud = sparse_data(B, seed=2)
+    sae.calibrate_threshold([quiet[:B], quiet[B:2 * B], loud], margin=1.0)
+    allx = torch.cat([quiet[:2 * B], loud])
+    pre = sae.pre_acts(allx).reshape(-1)
+    kth = torch.topk(pre, K * allx.shape[0]).values.min()
+    assert float(sae.threshold) == pytest.approx(max(float(kth), 0.0))
+
+
+def test_snapshots_are_written_at_the_requested_steps(tmp_path):
+    runs = [RunSpec("solo"), RunSpec("joint", "joint", 0, 0.3, 1.0), RunSpec("other", "solo", 5)]
+    trainer = FanOutTrainer(SAE_CFG, META, TrainConfig(batch_size=B, checkpoint_every_steps=4), runs,
+                            progress=False, ckpt_root=tmp_path)
+    trainer.train(source(sparse_data(12 * B)), 12, snapshot_steps=(3, 6), snapshot_runs=("solo", "joint"))
+    from metasae.checkpoint import step_dirname
+
+    for nm in ("solo", "joint"):
+        got = sorted(p.name for p in (tmp_path / nm / "snapshots").iterdir())
+        assert got == [step_dirname(3), step_dirname(6)]
+        assert (tmp_path / nm / "snapshots" / step_dirname(6) / "sae.safetensors").is_file()
+    assert not (tmp_path / "other" / "snapshots").exists()
+
+
+def test_fused_adam_and_contiguous_encoder_gradient():
+    trainer = FanOutTrainer(SAE_CFG, META, TrainConfig(batch_size=B), [RunSpec("solo")], progress=False)
+    st = trainer._fresh_state(trainer.runs[0])
+    assert st.opt.defaults.get("fused") is True
+    st.primary.forward_train(sparse_data(B)).loss.backward()
+    assert st.primary.W_enc_DF.grad.is_contiguous()
