@@ -140,8 +140,31 @@ def render_block(summary: dict[str, Any], source: str) -> str:
         f"(alpha 0.05 two-sided, power 0.8) {_fmt(h.get('mde_pct'), '.1f')} %.",
         f"* Delta L2 = {_fmt(h.get('delta_l2_pct_mean'), '+.2f')} %; "
         f"Delta CE = {_fmt(h.get('delta_ce_pct_mean'), '+.2f')} percentage points of the clean CE.",
-        END,
     ]
+    c = summary.get("comparisons") if isinstance(summary.get("comparisons"), dict) else {}
+
+    def ms(key: str, spec: str = "+.1f", unit: str = " %") -> str:
+        v = c.get(key) if isinstance(c.get(key), dict) else {}
+        return (f"{_fmt(v.get('mean'), spec)} +/- {_fmt(v.get('se'), spec.lstrip('+'))}{unit} (n = {v.get('n', 0)})"
+                if v.get("n") else "n/a")
+
+    if c:
+        lines.append(f"* Seed noise, an independent solo (another init seed) against the solo: Delta mean |phi| = "
+                     f"{ms('delta_phi_pct_solo_indep1')}; the lambda2 = 0 control: {ms('delta_phi_pct_joint_l0')}.")
+        along = c.get("delta_phi_pct_along_training") if isinstance(c.get("delta_phi_pct_along_training"), dict) else {}
+        if along:
+            parts = [f"{100 * float(f):.0f} %: {_fmt(v.get('mean'), '+.1f')} +/- {_fmt(v.get('se'), '.1f')}"
+                     for f, v in along.items() if isinstance(v, dict)]
+            lines.append("* Delta mean |phi| along training (fraction of training: mean +/- SE %): "
+                         + "; ".join(parts) + ".")
+        lines.append("* Solo CE loss score with every token spliced (massive activations included): "
+                     f"{ms('solo_ce_loss_score_all_tokens', '.3f', '')}.")
+        sel = c.get("selection") if isinstance(c.get("selection"), dict) else {}
+        if sel.get("selected_by_rule"):
+            lines.append(f"* The paper's selection rule, applied to seed {sel.get('chosen_on_seed')}'s grid, picks "
+                         f"`{sel['selected_by_rule']}` (the replicated configuration is `{sel.get('replicated')}`, "
+                         "fixed in the profile).")
+    lines.append(END)
     return "\n".join(lines) + "\n"
 
 

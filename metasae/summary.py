@@ -23,7 +23,7 @@ has) and writes ``<dest>/summary.json``:
   test over seeds of the joint's mean |phi| against the solo's), ``mde_pct``,
   ``delta_l2_pct_mean`` / ``_se``, ``delta_ce_pct_mean`` / ``_se`` and
   ``per_seed``.  Per seed, Delta |phi| % = 100 (phi_joint / phi_solo - 1) of
-  ``mean_abs_phi``; Delta L2 % the same of ``mse_batchtopk`` (else ``mse``);
+  ``mean_abs_phi``; Delta L2 % the same of ``mse`` (the global-threshold rule);
   Delta CE = joint ``delta_ce_pct`` - solo ``delta_ce_pct`` (percentage points).
 
 A number that cannot be computed (a missing key or file, fewer than two seeds
@@ -47,7 +47,7 @@ from metasae.io import atomic_path, atomic_write_json
 SUMMARY_NAME = "summary.json"
 TABLE_SUFFIXES = (".csv", ".md")
 SOLO = "solo"
-SOLO_KEYS = ("dead_frac", "explained_variance_std", "ce_loss_score")
+SOLO_KEYS = ("dead_frac", "explained_variance_std", "ce_loss_score", "l0_threshold")
 HISTORY_WINDOW = 0.10
 """Width of the averaging windows of :func:`mse_last_quarter_rel_improvement`, as a fraction of training."""
 ALPHA = 0.05
@@ -213,7 +213,7 @@ def per_seed_deltas(ev: dict[str, Any], joint: str) -> dict[str, float | None] |
     j, s = ev.get(joint), ev.get(SOLO)
     if not isinstance(j, dict) or not isinstance(s, dict):
         return None
-    l2_key = "mse_batchtopk" if "mse_batchtopk" in j and "mse_batchtopk" in s else "mse"
+    l2_key = "mse"  # the one reconstruction rule (global threshold calibrated to L0 = k)
     ce_j, ce_s = _get(j, "delta_ce_pct"), _get(s, "delta_ce_pct")
     return {
         "phi_joint": _get(j, "mean_abs_phi"),
@@ -280,6 +280,40 @@ def headline(out: Path, seeds: Sequence[int]) -> dict[str, Any]:
     }
 
 
+def comparisons(out: Path, seeds: Sequence[int]) -> dict[str, Any]:
+    """Beside the headline: Delta |phi| % of the other SAEs trained on every seed against the
+    solo (the independent solo = seed noise; the lambda2 = 0 control), the CE loss score with
+    every token spliced (massive activations included), and Delta |phi| along training
+    (``metrics/snapshots.json``), each as mean / se / n over the seeds that have it."""
+    def stat(xs: list[float]) -> dict[str, Any]:
+        return {"mean": _mean(xs), "se": _se(xs), "n": len(xs)}
+
+    res: dict[str, Any] = {}
+    for name in ("solo_indep1", "joint_l0"):
+        d = [v for v in (_ratio_pct(_get(_eval(out, s).get(name), "mean_abs_phi"), _get(_eval(out, s).get(SOLO),
+             "mean_abs_phi")) for s in seeds) if v is not None]
+        res[f"delta_phi_pct_{name}"] = stat(d)
+    ce_all = [v for v in (_get(_eval(out, s).get(SOLO), "ce_loss_score_all_tokens") for s in seeds) if v is not None]
+    res["solo_ce_loss_score_all_tokens"] = stat(ce_all)
+    along: dict[str, list[float]] = {}
+    joint = headline_name(out)
+    for s in seeds:
+        snap = _read(Path(out) / f"seed{s}" / "metrics" / "snapshots.json")
+        rows = snap.get("rows", []) if isinstance(snap, dict) else []
+        by = {}
+        for r in rows:
+            if isinstance(r, dict):
+                by.setdefault(round(float(r.get("frac", 0)), 3), {})[r.get("run")] = _num(r.get("mean_abs_phi"))
+        for frac, runs in by.items():
+            d = _ratio_pct(runs.get(joint), runs.get(SOLO))
+            if d is not None:
+                along.setdefault(f"{frac:g}", []).append(d)
+    res["delta_phi_pct_along_training"] = {k: stat(v) for k, v in sorted(along.items(), key=lambda kv: float(kv[0]))}
+    sel = _read(Path(out) / "selection.json")
+    res["selection"] = sel if isinstance(sel, dict) else None
+    return res
+
+
 def build_summary(out_dir: str | Path) -> dict[str, Any]:
     """The summary of the complete run in `out_dir` (see the module docstring)."""
     out = Path(out_dir)
@@ -304,6 +338,7 @@ def build_summary(out_dir: str | Path) -> dict[str, Any]:
         "meta_explained_variance": {
             str(s): (_get(_eval(out, s).get(name), "meta_explained_variance") if name else None) for s in seeds},
         "headline": headline(out, seeds),
+        "comparisons": comparisons(out, seeds),
     }
 
 

@@ -43,14 +43,14 @@ def run(tmp_path: Path) -> Path:
     _write(out / "selection.json", {"selected": "l0.1_s1.0", "replicated": JOINT})
     ev = {
         0: {"solo": {"dead_frac": 0.05, "explained_variance_std": 0.85, "ce_loss_score": 0.93,
-                     "mean_abs_phi": 0.020, "mse_batchtopk": 0.30, "mse": 0.9, "delta_ce_pct": 2.0},
-            JOINT: {"mean_abs_phi": 0.019, "mse_batchtopk": 0.303, "mse": 0.1, "delta_ce_pct": 2.5,
+                     "mean_abs_phi": 0.020, "mse": 0.30, "mse_batchtopk": 0.9, "delta_ce_pct": 2.0},
+            JOINT: {"mean_abs_phi": 0.019, "mse": 0.303, "mse_batchtopk": 0.1, "delta_ce_pct": 2.5,
                     "meta_explained_variance": 0.9},
             "l0.1_s1.0": {"mean_abs_phi": 0.5}},
         1: {"solo": {"dead_frac": 0.2, "explained_variance_std": 0.7, "ce_loss_score": 0.95,
-                     "mean_abs_phi": 0.025, "mse_batchtopk": 0.20, "delta_ce_pct": 1.0},
-            JOINT: {"mean_abs_phi": 0.024, "mse_batchtopk": 0.204, "delta_ce_pct": 1.2}},
-        # no mse_batchtopk: Delta L2 from mse; the joint has no CE; the solo no ce_loss_score
+                     "mean_abs_phi": 0.025, "mse": 0.20, "delta_ce_pct": 1.0},
+            JOINT: {"mean_abs_phi": 0.024, "mse": 0.204, "delta_ce_pct": 1.2}},
+        # Delta L2 from mse (the one reconstruction rule); the joint has no CE; the solo no ce_loss_score
         2: {"solo": {"dead_frac": 0.0, "explained_variance_std": 0.81, "mean_abs_phi": 0.010, "mse": 0.5,
                      "delta_ce_pct": 3.0},
             JOINT: {"mean_abs_phi": 0.0097, "mse": 0.515}},
@@ -89,15 +89,18 @@ def test_summary_numbers(run: Path, tmp_path: Path) -> None:
     assert s["stages"]["01_train"]["wall_s"] == 900.0
 
     q = s["solo_quality"]
-    assert q["0"] == {"dead_frac": 0.05, "explained_variance_std": 0.85, "ce_loss_score": 0.93,
+    assert q["0"] == {"dead_frac": 0.05, "explained_variance_std": 0.85, "ce_loss_score": 0.93, "l0_threshold": None,
                       "mse_last_quarter_rel_improvement": pytest.approx(LINEAR_IMPROVEMENT)}
     assert q["1"]["mse_last_quarter_rel_improvement"] == pytest.approx(LINEAR_IMPROVEMENT)
     assert q["1"]["dead_frac"] == 0.2
     assert q["2"]["ce_loss_score"] is None and q["2"]["mse_last_quarter_rel_improvement"] is None
-    assert q["3"] == {"dead_frac": None, "explained_variance_std": 0.9, "ce_loss_score": None,
+    assert q["3"] == {"dead_frac": None, "explained_variance_std": 0.9, "ce_loss_score": None, "l0_threshold": None,
                       "mse_last_quarter_rel_improvement": pytest.approx((0.8 - 0.5) / 0.8)}
 
     assert s["meta_explained_variance"] == {"0": 0.9, "1": None, "2": None, "3": None}
+    c = s["comparisons"]
+    assert c["selection"]["replicated"] == JOINT and c["delta_phi_pct_solo_indep1"]["n"] == 0
+    assert c["delta_phi_pct_along_training"] == {}
 
     h = s["headline"]
     assert h["joint"] == JOINT and h["n_seeds"] == 3 and h["seeds"] == [0, 1, 2]
@@ -114,7 +117,7 @@ def test_summary_numbers(run: Path, tmp_path: Path) -> None:
     t = mean / (sd / math.sqrt(3))
     # two-sided p with 2 degrees of freedom, closed form: 1 - |t| / sqrt(t^2 + 2)
     assert h["p_paired"] == pytest.approx(1 - abs(t) / math.sqrt(t * t + 2), rel=1e-9)
-    # Delta L2 %: +1, +2 (mse_batchtopk), +3 (mse)
+    # Delta L2 % from mse (the global-threshold rule), never mse_batchtopk: +1, +2, +3
     assert [h["per_seed"][k]["delta_l2_pct"] for k in "012"] == pytest.approx([1.0, 2.0, 3.0])
     assert h["delta_l2_pct_mean"] == pytest.approx(2.0)
     # Delta CE (percentage points): 0.5, 0.2, missing
@@ -179,3 +182,23 @@ def test_cli_writes_summary(run: Path, tmp_path: Path, capsys: pytest.CaptureFix
     assert summary.main(["--out", str(run), "--dest", str(tmp_path / "d")]) == 0
     assert (tmp_path / "d" / "summary.json").is_file()
     assert "summary.json" in capsys.readouterr().out
+
+
+def test_comparisons_along_training_and_seed_noise(tmp_path):
+    out = tmp_path / "out"
+    for seed, (indep, along) in enumerate([(0.021, 0.0195), (0.026, 0.0245)]):
+        _write(out / f"seed{seed}" / "metrics" / "eval.json", {
+            "solo": {"mean_abs_phi": 0.020 + 0.005 * seed, "ce_loss_score_all_tokens": 0.8},
+            "solo_indep1": {"mean_abs_phi": indep}, "joint_l0": {"mean_abs_phi": 0.020 + 0.005 * seed},
+            JOINT: {"mean_abs_phi": 0.019}})
+        _write(out / f"seed{seed}" / "metrics" / "snapshots.json", {"rows": [
+            {"run": "solo", "frac": 0.5, "mean_abs_phi": 0.020}, {"run": JOINT, "frac": 0.5, "mean_abs_phi": along}]})
+    _write(out / "selection.json", {"replicated": JOINT, "selected_by_rule": "x", "chosen_on_seed": 0})
+    from metasae.summary import comparisons
+
+    c = comparisons(out, [0, 1])
+    assert c["delta_phi_pct_solo_indep1"]["mean"] == pytest.approx((5.0 + 4.0) / 2)
+    assert c["delta_phi_pct_joint_l0"] == {"mean": 0.0, "se": 0.0, "n": 2}
+    assert c["solo_ce_loss_score_all_tokens"]["mean"] == pytest.approx(0.8)
+    assert c["delta_phi_pct_along_training"]["0.5"]["mean"] == pytest.approx((-2.5 + 22.5) / 2)
+    assert c["selection"]["selected_by_rule"] == "x"
