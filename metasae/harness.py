@@ -114,6 +114,10 @@ class Plan:
     executions: list[Execution] = field(default_factory=list)
     started: float = field(default_factory=time.time)
     """Epoch seconds when the harness began (the fallback origin of wall_s_total)."""
+    git: tuple[str, bool | None] | None = None
+    """(commit, dirty) when the run began, before any notebook wrote into the tree
+    (figures/<profile>/ are tracked: a run that regenerates them must not call the
+    code it ran 'dirty')."""
 
 
 # ---------------------------------------------------------------------------
@@ -275,6 +279,8 @@ def run(plan: Plan) -> Path | None:
     import papermill
 
     plan.kernel = pick_kernel(plan.kernel)
+    if plan.git is None:
+        plan.git = git_state()
     out, nb_out = plan.out, plan.out / "notebooks"
     nb_out.mkdir(parents=True, exist_ok=True)
     for name in RESULTS_NAMES:  # a new run: nothing from an older one may look complete
@@ -585,7 +591,7 @@ def write_results(plan: Plan, index: Path) -> Path:
         missing = [p for p in e["paths"] if not Path(p).is_file()]
         if missing:
             raise HarnessError(f"{e['kind']} {e['name']} was recorded but {missing[0]} does not exist")
-    commit, dirty = git_state()
+    commit, dirty = plan.git if plan.git is not None else git_state()
     seeds_text = ",".join(str(s) for s in plan.seeds)
     dirty_text = {True: " (dirty: uncommitted changes)", False: " (clean)", None: ""}[dirty]
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")

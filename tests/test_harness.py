@@ -517,3 +517,23 @@ def test_run_all_sets_the_wall_clock_origin_first() -> None:
     lines = [ln.strip() for ln in (ROOT / "run_all.sh").read_text().splitlines()]
     commands = [ln for ln in lines if ln and not ln.startswith("#")]
     assert commands[0] == 'export METASAE_T0="${METASAE_T0:-$(date +%s.%N)}"'
+
+
+def test_git_state_is_taken_before_the_notebooks_write_into_the_tree(tiny: dict[str, Path],
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run that regenerates tracked figures must not record the code it ran as dirty."""
+    from metasae import harness
+
+    (tiny["notebooks"] / "01_good.py").write_text(GOOD)
+    calls = []
+
+    def fake_state(root=None):
+        calls.append(1)
+        return "c0ffee", len(calls) > 1  # clean when the run starts, "dirty" once figures are written
+
+    monkeypatch.setattr(harness, "git_state", fake_state)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    plan = harness.plan_from_args(harness.build_parser("t").parse_args(_args(tiny, "--seeds", "0", "--jobs", "1")))
+    harness.run(plan)
+    data = json.loads((tiny["out"] / "results.json").read_text())
+    assert data["commit"] == "c0ffee" and data["dirty"] is False and len(calls) == 1
