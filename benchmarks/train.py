@@ -12,9 +12,9 @@ What is timed (per variant, at the paper's shapes and at the default profile's):
 * a meta step (joint only) = forward + backward + Adam of the meta SAE on W_dec.
 Tokens/s of a joint run follow the schedule: B / (t_primary + n_m / n_p * t_meta).
 
-FLOPs.  "Necessary" FLOPs per primary step are 4*B*d*n (the encoder forward
-and the encoder-weight gradient of a dense implementation; the decoder is
-sparse).  "Executed" FLOPs are what the library's sparse-gradient path does:
+FLOPs.  "Necessary" FLOPs per primary step are 2*B*d*n: the dense encoder
+forward.  The encoder-weight gradient is sparse (k of n latents per token carry
+gradient), and so is the decoder, so neither is a dense B x d x n product.  "Executed" FLOPs are what the library's sparse-gradient path does:
 2*B*d*n (encoder GEMM) + 6*k*B*d (sparse encoder gradient, decoder forward and
 its two gradients); a joint run adds 2*n*d*m + 2*k_m*n*d (the meta forward at
 every primary step) and n_m/n_p * (2*n*d*m + 6*k_m*n*d) (its share of the meta
@@ -119,7 +119,7 @@ def make_trainer(s: dict, autocast: str, lambda2: float = 0.3, sigma2: float = 1
 
 def flops(s: dict, n_p: int = 10, n_m: int = 5) -> dict:
     B, d, n, m, k, mk = s["B"], s["d"], s["n"], s["m"], s["k"], s["mk"]
-    necessary = 4 * B * d * n
+    necessary = 2 * B * d * n
     primary = 2 * B * d * n + 6 * k * B * d
     meta_fwd = 2 * n * d * m + 2 * mk * n * d
     meta_train = 2 * n * d * m + 6 * mk * n * d
@@ -290,8 +290,10 @@ def markdown(rep: dict) -> str:
     L = []
     peak = rep["gemm_peak_gflops"]
     L.append(f"GEMM peak measured in this run (4096x1280 @ 1280x20480): fp32 {peak['fp32']:.0f} GFLOP/s, "
-             f"bf16 {peak['bf16']:.0f} GFLOP/s; torch threads {rep['threads']}.\n")
-    L.append("| shape | variant | ours tok/s | dense ref tok/s | speed-up | necessary GFLOP/s (4Bdn) | % bf16 peak | "
+             f"bf16 {peak['bf16']:.0f} GFLOP/s; torch threads {rep['threads']}; load average "
+             f"{rep.get('loadavg_start', [float('nan')])[0]:.2f} at the start, "
+             f"{rep.get('loadavg_end', [float('nan')])[0]:.2f} at the end.\n")
+    L.append("| shape | variant | ours tok/s | dense ref tok/s | speed-up | necessary GFLOP/s (2Bdn) | % bf16 peak | "
              "% fp32 peak | executed GFLOP/s |")
     L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for key in ("paper", "default"):
@@ -343,8 +345,9 @@ def main() -> None:
     torch.set_num_threads(threads)
     dflt = default_shape()
     rep = {"machine": platform.processor() or platform.machine(), "threads": threads, "torch": torch.__version__,
-           "flop_definition": "necessary = 4*B*d*n per primary step (dense encoder forward + encoder-weight "
-                              "gradient); executed = the sparse path's 2*B*d*n + 6*k*B*d (+ meta forward "
+           "loadavg_start": os.getloadavg(),
+           "flop_definition": "necessary = 2*B*d*n per primary step (the dense encoder forward; the "
+                              "encoder-weight gradient and the decoder are sparse); executed = the sparse path's 2*B*d*n + 6*k*B*d (+ meta forward "
                               "2*n*d*m + 2*k_m*n*d every primary step and n_m/n_p meta steps for joint)",
            "speed": {}, "flops": {"paper": flops(PAPER), "default": flops(dflt)}}
     peaks = [gemm_peak(4096, 1280, 20480)]
@@ -360,6 +363,7 @@ def main() -> None:
     if args.parity_steps > 0:
         rep["parity"] = parity(dflt, args.parity_steps)
     rep["others"] = others()
+    rep["loadavg_end"] = os.getloadavg()
     md = markdown(rep)
     print(json.dumps(rep, indent=1, default=float))
     print(md)

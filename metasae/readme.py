@@ -127,7 +127,11 @@ def render_block(summary: dict[str, Any], source: str) -> str:
     joint = h.get("joint") or "n/a"
     meta = summary.get("meta_explained_variance") if isinstance(summary.get("meta_explained_variance"), dict) else {}
     meta_text = ", ".join(f"seed {s}: {_fmt(v, '.3f')}" for s, v in meta.items()) or "n/a"
-    lines += ["", f"Meta SAE explained variance (joint `{joint}`): {meta_text}.", ""]
+    c0 = summary.get("comparisons") if isinstance(summary.get("comparisons"), dict) else {}
+    mc = c0.get("meta_explained_variance_joint_l0") if isinstance(c0.get("meta_explained_variance_joint_l0"), dict) else {}
+    ctrl = (f" The lambda2 = 0 control's meta SAE, on rows no penalty pushes away: "
+            f"{_fmt(mc.get('mean'), '.3f')} +/- {_fmt(mc.get('se'), '.3f')} (n = {mc.get('n')})." if mc.get("n") else "")
+    lines += ["", f"Meta SAE explained variance (joint `{joint}`): {meta_text}.{ctrl}", ""]
 
     n = h.get("n_seeds") or 0
     lines += [

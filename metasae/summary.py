@@ -293,6 +293,9 @@ def comparisons(out: Path, seeds: Sequence[int]) -> dict[str, Any]:
         d = [v for v in (_ratio_pct(_get(_eval(out, s).get(name), "mean_abs_phi"), _get(_eval(out, s).get(SOLO),
              "mean_abs_phi")) for s in seeds) if v is not None]
         res[f"delta_phi_pct_{name}"] = stat(d)
+    for name in ("joint_l0",):  # the meta SAE of the control reads rows no penalty pushed away
+        mev = [v for v in (_get(_eval(out, s).get(name), "meta_explained_variance") for s in seeds) if v is not None]
+        res[f"meta_explained_variance_{name}"] = stat(mev)
     ce_all = [v for v in (_get(_eval(out, s).get(SOLO), "ce_loss_score_all_tokens") for s in seeds) if v is not None]
     res["solo_ce_loss_score_all_tokens"] = stat(ce_all)
     along: dict[str, list[float]] = {}
