@@ -297,8 +297,11 @@ class BatchTopKSAE(nn.Module):
         dead_idx = torch.nonzero(dead_F).squeeze(1)
         k_aux = min(self.cfg.aux_k, dead_idx.numel())
         pre_BK = pre_BF[:, dead_idx]
-        top = torch.topk(pre_BK, k_aux, dim=1)
-        acts_BK = torch.zeros_like(pre_BK).scatter_(1, top.indices, top.values)
+        if k_aux >= dead_idx.numel():  # every dead latent is kept: no selection needed
+            acts_BK = pre_BK
+        else:
+            top = torch.topk(pre_BK, k_aux, dim=1)
+            acts_BK = torch.zeros_like(pre_BK).scatter_(1, top.indices, top.values)
         recon = _DenseAux.apply(self.W_enc_DF, self.b_dec_D, self.W_dec_FD, x_n_BD, dead_idx, acts_BK)
         residual = (x_n_BD - x_hat_n_BD).detach()
         return self.cfg.aux_coef * (recon - residual).pow(2).mean()

@@ -314,14 +314,15 @@ def dense_aux_reference(sae: BatchTopKSAE, x: torch.Tensor, x_hat_n: torch.Tenso
     return sae.cfg.aux_coef * (recon - (x_n - x_hat_n).detach()).pow(2).mean()
 
 
-def test_dense_auxk_gradients_match_autograd_reference():
+@pytest.mark.parametrize("n_dead", [40, 10])  # aux_k = 16: a top-k among the dead, or every dead latent
+def test_dense_auxk_gradients_match_autograd_reference(n_dead):
     a, b = BatchTopKSAE(SAE_CFG, seed=6), BatchTopKSAE(SAE_CFG, seed=6)
     with torch.no_grad():
         for s in (a, b):
             s.b_dec_D.normal_(generator=torch.Generator().manual_seed(1))
     x = sparse_data(B, seed=3)
     dead = torch.zeros(N, dtype=torch.bool)
-    dead[torch.randperm(N, generator=torch.Generator().manual_seed(0))[:40]] = True
+    dead[torch.randperm(N, generator=torch.Generator().manual_seed(0))[:n_dead]] = True
     x_n, _, _ = a.standardize(x)
     x_hat_n = 0.5 * x_n
     pre = a._pre_from_normalized(x_n)
