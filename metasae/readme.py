@@ -83,6 +83,96 @@ def _bar_cell(value: Any, op: str, bar: float, show: Callable[[float], str]) -> 
     return f"{show(v)} {'met' if met else 'not met'}"
 
 
+# The paper's numbers (one run, GPT-2 large layer 20, its selected configuration); see SPEC.md.
+PAPER_DELTA_PHI_PCT = -7.5
+PAPER_DELTA_L2_PCT = 9.3
+ALPHA = 0.05
+
+
+def _d(x: Any) -> dict[str, Any]:
+    return x if isinstance(x, dict) else {}
+
+
+def _significant(p: Any) -> bool | None:
+    v = _num(p)
+    return None if v is None else v < ALPHA
+
+
+def render_verdicts(summary: dict[str, Any]) -> list[str]:
+    """Sentences on the paper's claims, each decided from the numbers in `summary` (alpha 0.05)."""
+    h, c = _d(summary.get("headline")), _d(summary.get("comparisons"))
+    joint, n = h.get("joint") or "n/a", h.get("n_seeds") or 0
+    out = ["", "### Verdicts on the paper's claims (decided from the numbers above, alpha 0.05)", ""]
+    m, p = _num(h.get("delta_phi_pct_mean")), h.get("p_paired")
+    ci = h.get("delta_phi_pct_ci95") if isinstance(h.get("delta_phi_pct_ci95"), list) else [None, None]
+    lo, hi = (_num(ci[0]), _num(ci[1])) if len(ci) == 2 else (None, None)
+    if m is not None and _significant(p) is not None:
+        sig = _significant(p)
+        what = ("a significant reduction" if sig and m < 0 else
+                "a significant increase" if sig else "no significant change")
+        ci_text = ""
+        if lo is not None and hi is not None:
+            inside = lo <= PAPER_DELTA_PHI_PCT <= hi
+            ci_text = (f" (95% CI [{lo:+.1f}, {hi:+.1f}] %; the paper's {PAPER_DELTA_PHI_PCT:+.1f} % on one run lies "
+                       f"{'inside' if inside else 'outside'} it)")
+        out.append(f"* **Lower co-occurrence (mean |phi|).** `{joint}` against the solo over {n} seeds: {what}, "
+                   f"{m:+.1f} %{ci_text}.")
+    l2, ce = _num(h.get("delta_l2_pct_mean")), _num(h.get("delta_ce_pct_mean"))
+    if l2 is not None:
+        out.append(f"* **At a reconstruction cost.** Delta L2 {l2:+.1f} % (paper {PAPER_DELTA_L2_PCT:+.1f} %)"
+                   + (f", Delta CE {ce:+.2f} percentage points of the clean CE." if ce is not None else "."))
+    ind = _d(c.get("delta_phi_pct_solo_indep1"))
+    im = _num(ind.get("mean"))
+    if im is not None and m is not None:
+        bigger = abs(im) >= abs(m)
+        out.append(f"* **Seed noise.** An independent solo differs from the solo by {im:+.1f} % "
+                   f"({'significant' if _significant(ind.get('p')) else 'not significant'}), "
+                   f"{'as large as or larger than' if bigger else 'smaller than'} the headline's {m:+.1f} %: "
+                   "a single pair of runs, as in the paper, cannot separate the penalty from the init seed.")
+    along = _d(c.get("delta_phi_pct_along_training"))
+    if along:
+        sig_at = [f for f, v in along.items() if _significant(_d(v).get("p")) and (_num(_d(v).get("mean")) or 0) < 0]
+        not_at = [f for f in along if f not in sig_at]
+        pct = lambda fs: ", ".join(f"{100 * float(f):.0f} %" for f in fs)  # noqa: E731
+        if sig_at and not_at:
+            text = (f"the reduction is significant at {pct(sig_at)} of training and not at {pct(not_at)}: "
+                    "the penalty's effect on |phi| is largest early and fades as the SAEs converge.")
+            if float(sig_at[-1]) > float(not_at[-1]):
+                text = (f"the reduction is significant at {pct(sig_at)} of training and not at {pct(not_at)}.")
+        elif sig_at:
+            text = f"the reduction is significant at every checkpoint ({pct(sig_at)} of training)."
+        else:
+            text = f"the reduction is significant at no checkpoint ({pct(not_at)} of training)."
+        out.append(f"* **Along training** (the paper's \"not fully converged\"): {text}")
+    grid = _d(_d(summary.get("grid_first_seed")).get("runs"))
+    seed0 = _d(summary.get("grid_first_seed")).get("seed")
+    joints = {k: _d(v) for k, v in grid.items() if k.startswith("joint_") and k != "joint_l0"
+              and _num(_d(v).get("delta_phi_pct")) is not None}
+    orthos = {k: _d(v) for k, v in grid.items() if k.startswith("ortho_") and _num(_d(v).get("delta_phi_pct")) is not None}
+    if joints and orthos:
+        best_o = min(orthos, key=lambda k: orthos[k]["delta_phi_pct"])
+        o = orthos[best_o]
+        beaten = [k for k, v in joints.items()
+                  if o["delta_phi_pct"] <= v["delta_phi_pct"] and (_num(o.get("delta_l2_pct")) or 0)
+                  <= (_num(v.get("delta_l2_pct")) or 0)]
+        out.append(f"* **Against a plain orthogonality penalty** (seed {seed0}, one SAE each): `{best_o}` reaches "
+                   f"{o['delta_phi_pct']:+.1f} % |phi| at {_fmt(o.get('delta_l2_pct'), '+.1f')} % L2; it is as good or "
+                   f"better on both counts than {len(beaten)} of the {len(joints)} joint configurations of the grid.")
+    mev = [v for v in (_num(x) for x in _d(summary.get("meta_explained_variance")).values()) if v is not None]
+    mc = _num(_d(c.get("meta_explained_variance_joint_l0")).get("mean"))
+    if mev and mc is not None:
+        mj = sum(mev) / len(mev)
+        why = ("the penalty moves the primary's rows away from what the meta dictionary can rebuild, so a low "
+               "value is the penalty at work, not an undersized meta SAE" if mc > mj else
+               "the penalty does not lower it")
+        out.append(f"* **The meta SAE** explains {mj:.2f} of the variance of the joint's decoder rows and {mc:.2f} "
+                   f"of the lambda2 = 0 control's: {why}.")
+    syn = summary.get("synthetic_verdict")
+    if isinstance(syn, str) and syn:
+        out.append(f"* **Ground truth (synthetic activations, `07_synthetic`).** {syn}")
+    return out
+
+
 def render_block(summary: dict[str, Any], source: str) -> str:
     """The whole generated block, markers included, ending in a newline."""
     commit = str(summary.get("git_commit") or "unknown")
@@ -168,6 +258,7 @@ def render_block(summary: dict[str, Any], source: str) -> str:
             lines.append(f"* The paper's selection rule, applied to seed {sel.get('chosen_on_seed')}'s grid, picks "
                          f"`{sel['selected_by_rule']}` (the replicated configuration is `{sel.get('replicated')}`, "
                          "fixed in the profile).")
+    lines += render_verdicts(summary)
     lines.append(END)
     return "\n".join(lines) + "\n"
 

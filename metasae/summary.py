@@ -24,7 +24,15 @@ has) and writes ``<dest>/summary.json``:
   ``delta_l2_pct_mean`` / ``_se``, ``delta_ce_pct_mean`` / ``_se`` and
   ``per_seed``.  Per seed, Delta |phi| % = 100 (phi_joint / phi_solo - 1) of
   ``mean_abs_phi``; Delta L2 % the same of ``mse`` (the global-threshold rule);
-  Delta CE = joint ``delta_ce_pct`` - solo ``delta_ce_pct`` (percentage points).
+  Delta CE = joint ``delta_ce_pct`` - solo ``delta_ce_pct`` (percentage points);
+  ``config`` names the joint run again and ``delta_phi_pct_ci95`` is the 95% t
+  interval of the mean Delta |phi|;
+* ``comparisons``: the independent solo and the lambda2 = 0 control against the
+  solo, the control's meta explained variance, the CE loss score with every
+  token spliced, Delta |phi| along training and the selection (each as mean /
+  se / n over the seeds, the Delta |phi| ones with the one-sample p against 0);
+* ``grid_first_seed``: every SAE of the first seed against its solo;
+* ``synthetic_verdict``: the sentence of ``07_synthetic``'s verdict table.
 
 A number that cannot be computed (a missing key or file, fewer than two seeds
 for a spread) is ``null``, never an error.  Seeds are JSON object keys, so
@@ -261,13 +269,16 @@ def headline(out: Path, seeds: Sequence[int]) -> dict[str, Any]:
     pairs = [(v["phi_joint"], v["phi_solo"]) for v in per_seed.values()
              if v["phi_joint"] is not None and v["phi_solo"] is not None]
     dphi = values("delta_phi_pct")
+    lo, hi = ci95(dphi)
     return {
         "joint": name,
+        "config": name,
         "baseline": SOLO,
         "n_seeds": len(per_seed),
         "seeds": [int(s) for s in per_seed],
         "delta_phi_pct_mean": _mean(dphi),
         "delta_phi_pct_se": _se(dphi),
+        "delta_phi_pct_ci95": [lo, hi],
         "p_paired": paired_p([p[0] for p in pairs], [p[1] for p in pairs]),
         "mde_pct": mde(dphi),
         "mde_alpha": ALPHA,
@@ -280,19 +291,74 @@ def headline(out: Path, seeds: Sequence[int]) -> dict[str, Any]:
     }
 
 
+def one_sample_p(xs: Sequence[float]) -> float | None:
+    """Two-sided p of the one-sample t test of mean 0 (scipy.stats.ttest_1samp); None below two
+    values or with no spread."""
+    if len(xs) < 2 or (_sd(xs) or 0.0) == 0.0:
+        return None
+    from scipy import stats
+
+    return _num(float(stats.ttest_1samp(list(xs), 0.0).pvalue))
+
+
+def ci95(xs: Sequence[float]) -> tuple[float | None, float | None]:
+    """The 95% t interval of the mean of `xs` (None, None below two values)."""
+    m, se = _mean(xs), _se(xs)
+    if m is None or se is None or len(xs) < 2:
+        return None, None
+    from scipy import stats
+
+    h = float(stats.t.ppf(0.975, len(xs) - 1)) * se
+    return m - h, m + h
+
+
+def stat(xs: list[float], test: bool = False) -> dict[str, Any]:
+    """mean, se and n of per-seed values; with `test`, also the one-sample p against 0."""
+    row = {"mean": _mean(xs), "se": _se(xs), "n": len(xs)}
+    if test:
+        row["p"] = one_sample_p(xs)
+    return row
+
+
+def grid_first_seed(out: Path, seeds: Sequence[int]) -> dict[str, Any]:
+    """Every SAE of the first seed against that seed's solo (Delta |phi| %, Delta L2 %, Delta CE
+    pp; :func:`per_seed_deltas`): the grid, the ablations and the baselines, trained on one seed."""
+    if not seeds:
+        return {}
+    ev = _eval(out, seeds[0])
+    rows = {}
+    for name in ev:
+        if name != SOLO:
+            d = per_seed_deltas(ev, name)
+            if d is not None:
+                rows[name] = {k: d[k] for k in ("delta_phi_pct", "delta_l2_pct", "delta_ce_pct")}
+    return {"seed": seeds[0], "runs": rows}
+
+
+def synthetic_verdict(out: Path) -> str | None:
+    """The sentence of ``tables/synthetic_verdict.csv`` (07_synthetic), or None."""
+    import csv
+
+    path = Path(out) / "tables" / "synthetic_verdict.csv"
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    except (OSError, csv.Error):
+        return None
+    text = rows[0].get("verdict") if rows else None
+    return text if isinstance(text, str) and text else None
+
+
 def comparisons(out: Path, seeds: Sequence[int]) -> dict[str, Any]:
     """Beside the headline: Delta |phi| % of the other SAEs trained on every seed against the
     solo (the independent solo = seed noise; the lambda2 = 0 control), the CE loss score with
     every token spliced (massive activations included), and Delta |phi| along training
     (``metrics/snapshots.json``), each as mean / se / n over the seeds that have it."""
-    def stat(xs: list[float]) -> dict[str, Any]:
-        return {"mean": _mean(xs), "se": _se(xs), "n": len(xs)}
-
     res: dict[str, Any] = {}
     for name in ("solo_indep1", "joint_l0"):
         d = [v for v in (_ratio_pct(_get(_eval(out, s).get(name), "mean_abs_phi"), _get(_eval(out, s).get(SOLO),
              "mean_abs_phi")) for s in seeds) if v is not None]
-        res[f"delta_phi_pct_{name}"] = stat(d)
+        res[f"delta_phi_pct_{name}"] = stat(d, test=True)
     for name in ("joint_l0",):  # the meta SAE of the control reads rows no penalty pushed away
         mev = [v for v in (_get(_eval(out, s).get(name), "meta_explained_variance") for s in seeds) if v is not None]
         res[f"meta_explained_variance_{name}"] = stat(mev)
@@ -311,7 +377,7 @@ def comparisons(out: Path, seeds: Sequence[int]) -> dict[str, Any]:
             d = _ratio_pct(runs.get(joint), runs.get(SOLO))
             if d is not None:
                 along.setdefault(f"{frac:g}", []).append(d)
-    res["delta_phi_pct_along_training"] = {k: stat(v) for k, v in sorted(along.items(), key=lambda kv: float(kv[0]))}
+    res["delta_phi_pct_along_training"] = {k: stat(v, test=True) for k, v in sorted(along.items(), key=lambda kv: float(kv[0]))}
     sel = _read(Path(out) / "selection.json")
     res["selection"] = sel if isinstance(sel, dict) else None
     return res
@@ -342,6 +408,8 @@ def build_summary(out_dir: str | Path) -> dict[str, Any]:
             str(s): (_get(_eval(out, s).get(name), "meta_explained_variance") if name else None) for s in seeds},
         "headline": headline(out, seeds),
         "comparisons": comparisons(out, seeds),
+        "grid_first_seed": grid_first_seed(out, seeds),
+        "synthetic_verdict": synthetic_verdict(out),
     }
 
 

@@ -157,3 +157,57 @@ def test_cli_check(files: tuple[Path, Path]) -> None:
     assert proc.returncode == 1 and "out of date" in proc.stderr
     assert subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, timeout=120).returncode == 0
     assert subprocess.run([*cmd, "--check"], cwd=ROOT, env=env, capture_output=True, timeout=120).returncode == 0
+
+
+def _verdicts(**changes) -> str:
+    base = {
+        "headline": {"joint": "j", "n_seeds": 5, "delta_phi_pct_mean": -1.2, "p_paired": 0.2,
+                     "delta_phi_pct_ci95": [-3.4, 1.0], "delta_l2_pct_mean": 11.8, "delta_ce_pct_mean": 0.61},
+        "comparisons": {
+            "delta_phi_pct_solo_indep1": {"mean": -1.8, "se": 1.3, "n": 5, "p": 0.25},
+            "delta_phi_pct_along_training": {"0.25": {"mean": -3.8, "p": 0.002}, "0.5": {"mean": -0.4, "p": 0.6},
+                                             "1": {"mean": -1.2, "p": 0.2}},
+            "meta_explained_variance_joint_l0": {"mean": 0.37, "se": 0.0, "n": 5}},
+        "meta_explained_variance": {"0": 0.11, "1": 0.13},
+        "grid_first_seed": {"seed": 0, "runs": {
+            "joint_l0": {"delta_phi_pct": 0.0, "delta_l2_pct": 0.0},
+            "joint_a": {"delta_phi_pct": -2.0, "delta_l2_pct": 8.0},   # ortho better on both
+            "joint_b": {"delta_phi_pct": -6.0, "delta_l2_pct": 8.0},   # lower |phi| than ortho
+            "joint_c": {"delta_phi_pct": -1.0, "delta_l2_pct": 1.0},   # lower L2 than ortho
+            "ortho_c1": {"delta_phi_pct": -5.0, "delta_l2_pct": 4.4},
+            "ortho_c2": {"delta_phi_pct": -0.5, "delta_l2_pct": 0.5}}},
+        "synthetic_verdict": "Less atomic by the ground truth.",
+    }
+    for k, v in changes.items():
+        base[k] = {**base[k], **v}
+    return "\n".join(readme.render_verdicts(base))
+
+
+def test_verdicts_follow_the_numbers() -> None:
+    text = _verdicts()
+    assert "no significant change, -1.2 % (95% CI [-3.4, +1.0] %; the paper's -7.5 % on one run lies outside it)" \
+        in text
+    assert "Delta L2 +11.8 % (paper +9.3 %), Delta CE +0.61 percentage points" in text
+    assert "independent solo differs from the solo by -1.8 % (not significant), as large as or larger than" in text
+    assert "significant at 25 % of training and not at 50 %, 100 %: the penalty's effect" in text
+    assert "`ortho_c1` reaches -5.0 % |phi| at +4.4 % L2; it is as good or better on both counts than 1 of the 3" \
+        in text
+    assert "explains 0.12 of the variance of the joint's decoder rows and 0.37" in text
+    assert "penalty at work" in text
+    assert "Less atomic by the ground truth." in text
+    # a significant reduction whose interval holds the paper's number; a smaller seed noise
+    text = _verdicts(headline={"delta_phi_pct_mean": -7.0, "p_paired": 0.01, "delta_phi_pct_ci95": [-9.0, -5.0]})
+    assert "a significant reduction, -7.0 % (95% CI [-9.0, -5.0] %; the paper's -7.5 % on one run lies inside it)" \
+        in text
+    assert "smaller than the headline's -7.0 %" in text
+    text = _verdicts(headline={"delta_phi_pct_mean": 3.0, "p_paired": 0.01, "delta_phi_pct_ci95": [1.0, 5.0]})
+    assert "a significant increase, +3.0 %" in text
+    # significant everywhere / nowhere along training
+    text = _verdicts(comparisons={"delta_phi_pct_along_training": {"0.5": {"mean": -3.0, "p": 0.01},
+                                                                   "1": {"mean": -2.0, "p": 0.03}}})
+    assert "significant at every checkpoint (50 %, 100 % of training)" in text
+    text = _verdicts(comparisons={"delta_phi_pct_along_training": {"1": {"mean": -2.0, "p": None}}})
+    assert "significant at no checkpoint (100 % of training)" in text
+    # a missing headline leaves the claim out rather than inventing a verdict
+    text = _verdicts(headline={"delta_phi_pct_mean": None})
+    assert "Lower co-occurrence" not in text

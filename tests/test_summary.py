@@ -198,7 +198,35 @@ def test_comparisons_along_training_and_seed_noise(tmp_path):
 
     c = comparisons(out, [0, 1])
     assert c["delta_phi_pct_solo_indep1"]["mean"] == pytest.approx((5.0 + 4.0) / 2)
-    assert c["delta_phi_pct_joint_l0"] == {"mean": 0.0, "se": 0.0, "n": 2}
+    assert c["delta_phi_pct_joint_l0"] == {"mean": 0.0, "se": 0.0, "n": 2, "p": None}  # no spread: no test
     assert c["solo_ce_loss_score_all_tokens"]["mean"] == pytest.approx(0.8)
     assert c["delta_phi_pct_along_training"]["0.5"]["mean"] == pytest.approx((-2.5 + 22.5) / 2)
     assert c["selection"]["selected_by_rule"] == "x"
+
+
+def test_one_sample_p_ci_grid_and_synthetic_verdict(tmp_path):
+    from scipy import stats
+
+    xs = [-3.0, -4.0, -5.0, -2.0]
+    assert summary.one_sample_p(xs) == pytest.approx(stats.ttest_1samp(xs, 0.0).pvalue)
+    assert summary.one_sample_p([1.0]) is None and summary.one_sample_p([2.0, 2.0]) is None
+    lo, hi = summary.ci95(xs)
+    half = stats.t.ppf(0.975, 3) * stats.tstd(xs) / 2.0  # se = sd / sqrt(4)
+    assert (lo, hi) == (pytest.approx(-3.5 - half), pytest.approx(-3.5 + half))
+    assert summary.ci95([1.0]) == (None, None)
+
+    out = tmp_path / "out"
+    _write(out / "seed7" / "metrics" / "eval.json", {
+        "solo": {"mean_abs_phi": 0.02, "mse": 0.2, "delta_ce_pct": 1.0},
+        "ortho_c0.3": {"mean_abs_phi": 0.019, "mse": 0.21},
+        "joint_l1_s1": {"mean_abs_phi": 0.021, "mse": 0.25, "delta_ce_pct": 1.5}})
+    g = summary.grid_first_seed(out, [7, 8])
+    assert g["seed"] == 7 and set(g["runs"]) == {"ortho_c0.3", "joint_l1_s1"}
+    assert g["runs"]["ortho_c0.3"] == {"delta_phi_pct": pytest.approx(-5.0), "delta_l2_pct": pytest.approx(5.0),
+                                       "delta_ce_pct": None}
+    assert g["runs"]["joint_l1_s1"]["delta_ce_pct"] == pytest.approx(0.5)
+    assert summary.grid_first_seed(out, []) == {}
+
+    assert summary.synthetic_verdict(out) is None  # no table
+    _write(out / "tables" / "synthetic_verdict.csv", 'verdict\n"Less atomic, by the ground truth."\n')
+    assert summary.synthetic_verdict(out) == "Less atomic, by the ground truth."
