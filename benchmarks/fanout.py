@@ -13,10 +13,13 @@ What is compared (SAE-tokens/s = SAEs x tokens / wall second, every SAE of a def
   process trains seed 0's 15 SAEs while the other trains the 16 SAEs of seeds 1-4
   (solo, replicated joint, lambda2 = 0 control, independent solo each), one torch thread each.
 
-All variants train the same math (tests/test_core.py checks the gradients), from the same
-initialisation, on the same batches; ``warmup`` steps run first (dead latents appear after
-``sae.dead_after_tokens``), then ``steps`` steps are timed.  The data are the default
-profile's cached activations when ``--cache`` holds them, else a synthetic stream.
+All variants train the same math (tests/test_core.py checks the gradients) on the same
+batches, from the same state: the new trainer first trains every SAE for ``--warmup`` steps
+(the first few hundred steps of a fresh SAE are dominated by dead latents and AuxK, a
+regime that is over after ~200 of the default's 2,282 steps), the weights and dead-latent
+counters are saved (safetensors) and every variant loads them; then 3 untimed and
+``--steps`` timed steps run.  ``--warmup 0`` times fresh SAEs instead.  The data are the
+default profile's cached activations when ``--cache`` holds them, else a synthetic stream.
 
 FLOPs.  Necessary FLOPs per primary step and SAE: 2*B*d*n (the dense encoder GEMM; the encoder
 weight gradient is sparse, k of n per token, and so is the decoder).  A joint SAE also needs the
@@ -127,14 +130,31 @@ def worker(args) -> None:
     meta_cfg = MetaConfig(n_latents=shape["m"], k=shape["mk"], n_primary_steps=shape["n_p"],
                           n_meta_steps=shape["n_m"])
     train_cfg = TrainConfig(batch_size=shape["B"], checkpoint_every_steps=10 ** 9, eval_every_steps=10 ** 9)
-    total = args.warmup + args.steps
-    data, source = batches_for(shape, args.cache, total)
     tr = trainer_mod.FanOutTrainer(sae_cfg, meta_cfg, train_cfg, runs, progress=False)
     states = [tr._fresh_state(r) for r in runs]
     n_p, n_m = shape["n_p"], shape["n_m"]
+    state_file = Path(args.state_dir) / f"{args.runs}.safetensors" if args.state_dir else None
+    from safetensors.torch import load_file, save_file
+
+    if args.save_state:  # the warm-up worker: train, then save every SAE's state for the timed workers
+        first, untimed = 0, args.warmup
+    else:
+        first, untimed = args.warmup, 3
+        if state_file is not None and state_file.is_file():
+            saved = load_file(str(state_file))
+            with torch.no_grad():
+                for st in states:
+                    for role, sae in (("p", st.primary), ("m", st.meta)):
+                        if sae is None:
+                            continue
+                        for name in ("W_enc_DF", "W_dec_FD", "b_dec_D", "threshold", "since_fired_F"):
+                            getattr(sae, name).copy_(saved[f"{st.spec.name}.{role}.{name}"].reshape(
+                                getattr(sae, name).shape))
+    total = first + untimed + (0 if args.save_state else args.steps)
+    data, source = batches_for(shape, args.cache, total)
     t0 = None
-    for step in range(total):
-        if step == args.warmup:
+    for step in range(first, total):
+        if step == first + untimed:
             t0 = time.perf_counter()
         x = data[step].float()
         x_norm = states[0].primary.standardize(x)
@@ -143,6 +163,16 @@ def worker(args) -> None:
             if st.meta is not None and (step + 1) % n_p == 0:
                 for j in range(n_m):
                     tr._meta_step(st, step, j)
+    if args.save_state:
+        tensors = {}
+        for st in states:
+            for role, sae in (("p", st.primary), ("m", st.meta)):
+                if sae is not None:
+                    for name in ("W_enc_DF", "W_dec_FD", "b_dec_D", "threshold", "since_fired_F"):
+                        tensors[f"{st.spec.name}.{role}.{name}"] = getattr(sae, name).detach().reshape(-1).contiguous()
+        save_file(tensors, str(state_file))
+        print(json.dumps({"saved": str(state_file)}))
+        return
     dt = time.perf_counter() - t0
     dead = [int((st.primary.since_fired_F >= sae_cfg.dead_after_tokens).sum()) for st in states]
     print(json.dumps({"impl": args.impl, "runs": args.runs, "n_runs": len(runs), "threads": args.threads,
@@ -263,7 +293,7 @@ def main() -> None:
     ap.add_argument("--baseline", default="253bae7", help="commit whose trainer is the baseline")
     ap.add_argument("--cache", default=str(ROOT / "outputs" / "default" / "activations"))
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=25)
+    ap.add_argument("--warmup", type=int, default=300)
     ap.add_argument("--out", default="")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--gemm", action="store_true", help=argparse.SUPPRESS)
@@ -271,6 +301,8 @@ def main() -> None:
     ap.add_argument("--runs", default="seed0", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--legacy-dir", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--state-dir", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--save-state", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return worker(args)
@@ -282,7 +314,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         install_legacy(args.baseline, Path(tmp))
         common = ["--worker", "--steps", str(args.steps), "--warmup", str(args.warmup), "--cache", args.cache,
-                  "--legacy-dir", tmp]
+                  "--legacy-dir", tmp, "--state-dir", tmp]
+        if args.warmup:
+            spawn(common + ["--impl", "new", "--threads", "1", "--save-state"], 2, ["seed0", "rest"])
         peak2 = sum(r["gflops"] for r in spawn(["--gemm", "--threads", "1"], 2))
         peak1x2 = spawn(["--gemm", "--threads", "2"])[0]["gflops"]
         base_1p = spawn(common + ["--impl", "baseline", "--threads", "2"], 1, ["seed0"])
