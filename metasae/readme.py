@@ -162,11 +162,12 @@ def render_verdicts(summary: dict[str, Any]) -> list[str]:
     mc = _num(_d(c.get("meta_explained_variance_joint_l0")).get("mean"))
     if mev and mc is not None:
         mj = sum(mev) / len(mev)
-        why = ("the penalty moves the primary's rows away from what the meta dictionary can rebuild, so a low "
-               "value is the penalty at work, not an undersized meta SAE" if mc > mj else
-               "the penalty does not lower it")
+        why = ("the penalty moves the primary's rows away from what the meta dictionary can rebuild" if mc > mj
+               else "the penalty does not lower it")
         out.append(f"* **The meta SAE** explains {mj:.2f} of the variance of the joint's decoder rows and {mc:.2f} "
-                   f"of the lambda2 = 0 control's: {why}.")
+                   f"of the lambda2 = 0 control's: {why}.  How much a meta SAE of this size can explain at all "
+                   "(against random unit rows, and with a larger meta k or dictionary) is measured by "
+                   "`benchmarks/meta_probe.py` ([`benchmarks/README.md`](benchmarks/README.md)).")
     syn = summary.get("synthetic_verdict")
     if isinstance(syn, str) and syn:
         out.append(f"* **Ground truth (synthetic activations, `07_synthetic`).** {syn}")

@@ -193,7 +193,7 @@ def test_verdicts_follow_the_numbers() -> None:
     assert "`ortho_c1` reaches -5.0 % |phi| at +4.4 % L2; it is as good or better on both counts than 1 of the 3" \
         in text
     assert "explains 0.12 of the variance of the joint's decoder rows and 0.37" in text
-    assert "penalty at work" in text
+    assert "moves the primary's rows away" in text and "benchmarks/meta_probe.py" in text
     assert "Less atomic by the ground truth." in text
     # a significant reduction whose interval holds the paper's number; a smaller seed noise
     text = _verdicts(headline={"delta_phi_pct_mean": -7.0, "p_paired": 0.01, "delta_phi_pct_ci95": [-9.0, -5.0]})
