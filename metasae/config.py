@@ -446,6 +446,8 @@ class Profile:
             raise ConfigError("seeds must list at least one seed")
         for s in self.seeds:
             _nonneg_int(s, "seeds")
+            if s > MAX_SEED:
+                raise ConfigError(f"seeds must be at most {MAX_SEED:,}, not {s}")
         if len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"seeds must not repeat a seed ({self.seeds})")
         self.model.validate()
@@ -636,12 +638,22 @@ def load_profile(name_or_path: str | Path, seeds: list[int] | None = None) -> Pr
     return profile_from_dict(raw)
 
 
+MAX_SEED = 2**31 - 1 - 1_000_000
+"""The largest seed: every generator (numpy's 32-bit seeds included) must accept the seeds
+derived from it (+1000 per independent solo, +7919 for a meta SAE, +104729 for a penalty
+generator), with room to spare."""
+
+
 def parse_seeds(text: str) -> list[int]:
     """Parse '0,1,2' -> [0, 1, 2] with a one-sentence error otherwise."""
     parts = [p.strip() for p in str(text).split(",")]
     if not parts or any(not (p.isascii() and p.isdigit()) for p in parts):
         raise ConfigError(f"--seeds must be a comma-separated list of non-negative integers such as 0,1,2, not {text!r}")
     seeds = [int(p) for p in parts]
+    too_big = [s for s in seeds if s > MAX_SEED]
+    if too_big:
+        raise ConfigError(f"--seeds must be at most {MAX_SEED:,} (seeds derived from a seed, such as an "
+                          f"independent solo's, must fit every generator), not {too_big[0]}")
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds must not repeat a seed ({text!r})")
     return seeds

@@ -6,7 +6,7 @@
 
 The notebooks (``notebooks/*.py``, jupytext percent format) are the source of
 truth.  Each is converted with jupytext and executed with papermill in filename
-order; a notebook whose first lines hold ``# metasae: per-seed`` runs once per
+order; a notebook whose jupytext header holds ``metasae: per-seed`` runs once per
 seed (parameter ``seed``), the others once (parameter ``seeds``, e.g. "0,1,2").
 Every notebook also gets ``profile``, ``out_dir`` and ``figures_dir``.
 
@@ -32,6 +32,16 @@ when every notebook succeeded, ``<out>/results.md`` (plus ``results.json``)
 listing every table and figure with its profile, seeds and git commit.  A
 failed run leaves no results file behind: nothing half-made is presented as
 complete.
+
+A partial run (``--only``, or other seeds of a notebook) never destroys the
+record of an earlier complete run in the same folder: ``artifacts.jsonl``
+forgets only the (notebook, seed) pairs it re-runs, ``config.json`` keeps the
+complete run's settings with the union of the seeds that ran (a partial run
+under other settings is refused), and when the folder holds a complete run's
+``results.json`` it is merged (the re-run executions replace theirs, the new
+ones are added, the run is listed under ``updates``) and ``results.md`` is
+regenerated from the merged record.  Without a complete run a partial run
+writes no results file.
 
 Input errors (unknown profile, malformed seeds, an output folder that cannot be
 written) end the process with one sentence on stderr and exit status 2; a
@@ -60,9 +70,12 @@ from metasae.config import ConfigError, Profile, load_profile, parse_seeds
 from metasae.io import atomic_write_json, atomic_write_text
 
 NOTEBOOK_DIR = paths.REPO_ROOT / "notebooks"
-PER_SEED_MARKER = "# metasae: per-seed"
+PER_SEED_MARKER = "metasae: per-seed"
 MARKER_LINES = 30
-"""The per-seed marker counts when it is one of a notebook's first 30 lines."""
+"""The per-seed marker counts when it is one of a notebook's first 30 lines, as a comment line
+(``#   metasae: per-seed``).  Its place is the jupytext header (a key of the notebook's
+metadata): a comment *above* the header would hide the header, and with it the kernelspec,
+from jupytext, and papermill could not run the converted notebook."""
 DEFAULT_KERNELS = ("metasae", "python3")
 RESULTS_NAMES = ("results.md", "results.json")
 JOBS_ENV = "METASAE_JOBS"
@@ -245,7 +258,8 @@ def discover(folder: Path) -> list[Notebook]:
         if path.name.startswith(("_", ".")):
             continue
         head = path.read_text(encoding="utf-8").splitlines()[:MARKER_LINES]
-        found.append(Notebook(path, any(line.strip() == PER_SEED_MARKER for line in head)))
+        found.append(Notebook(path, any(line.startswith("#") and line.lstrip("#").strip() == PER_SEED_MARKER
+                                        for line in head)))
     if not found:
         raise HarnessError(f"no notebooks (*.py) found in {folder}")
     return found
@@ -283,11 +297,15 @@ def run(plan: Plan) -> Path | None:
         plan.git = git_state()
     out, nb_out = plan.out, plan.out / "notebooks"
     nb_out.mkdir(parents=True, exist_ok=True)
-    for name in RESULTS_NAMES:  # a new run: nothing from an older one may look complete
-        (out / name).unlink(missing_ok=True)
     index = out / "artifacts.jsonl"
-    _reset_index(index, None if not plan.only else {nb.name for nb in plan.notebooks})
-    atomic_write_text(out / "config.json", plan.profile.to_json() + "\n")
+    if plan.only:  # a partial run: the record of a complete one stays, merged afterwards
+        write_config_partial(plan)
+        _reset_index(index, _pairs(plan))
+    else:  # a new complete run: nothing from an older one may look complete
+        for name in RESULTS_NAMES:
+            (out / name).unlink(missing_ok=True)
+        _reset_index(index, None)
+        atomic_write_text(out / "config.json", plan.profile.to_json() + "\n")
 
     seeds_text = ",".join(str(s) for s in plan.seeds)
     env_before = dict(os.environ)
@@ -322,7 +340,12 @@ def run(plan: Plan) -> Path | None:
         os.environ.update(env_before)
 
     if plan.only:
-        print(f"ran {', '.join(n.path.name for n in plan.notebooks)}; results.md is written by full runs only")
+        merged = merge_partial(plan, index)
+        if merged is None:
+            print(f"ran {', '.join(n.path.name for n in plan.notebooks)}; no complete run in {out}, "
+                  "so no results.md (a complete run writes it)")
+        else:
+            print(f"ran {', '.join(n.path.name for n in plan.notebooks)}; merged into {merged}")
         return None
     return write_results(plan, index)
 
@@ -521,14 +544,79 @@ def _one_line(exc: BaseException) -> str:
     return text if len(text) < 400 else text[:397] + "..."
 
 
-def _reset_index(index: Path, notebooks: set[str] | None) -> None:
-    """Forget entries of the notebooks about to run (all of them for a full run)."""
-    if notebooks is None or not index.is_file():
-        index.unlink(missing_ok=True)
+def _pairs(plan: Plan) -> set[tuple[str, int | None]]:
+    """The (notebook, seed) pairs a plan runs; seed None for an aggregate notebook."""
+    return {(nb.name, s) for nb in plan.notebooks for s in (plan.seeds if nb.per_seed else [None])}
+
+
+def _reset_index(index: Path, pairs: set[tuple[str, int | None]] | None) -> None:
+    """Forget the entries of the (notebook, seed) pairs about to run (every entry when
+    `pairs` is None: a complete run).  An aggregate notebook's entries go whatever their seed."""
+    if not index.is_file():
         return
-    kept = [line for line in index.read_text().splitlines()
-            if line.strip() and json.loads(line).get("notebook") not in notebooks]
+    if pairs is None:
+        index.unlink()
+        return
+    aggregate = {name for name, seed in pairs if seed is None}
+
+    def rerun(e: dict[str, Any]) -> bool:
+        return e.get("notebook") in aggregate or (e.get("notebook"), e.get("seed")) in pairs
+
+    kept = [line for line in index.read_text().splitlines() if line.strip() and not rerun(json.loads(line))]
     atomic_write_text(index, "".join(line + "\n" for line in kept))
+
+
+def write_config_partial(plan: Plan) -> None:
+    """config.json for a partial run: the earlier run's settings with the union of the seeds.
+
+    A folder whose config.json holds other settings (another profile, or the same one
+    edited) is refused: mixing the two would falsify the record of what ran."""
+    path = plan.out / "config.json"
+    mine = json.loads(plan.profile.to_json())
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        atomic_write_text(path, plan.profile.to_json() + "\n")
+        return
+    except (OSError, ValueError) as exc:
+        raise HarnessError(f"cannot read {path} ({exc}); move it away or use another --out") from None
+    strip = lambda cfg: {k: v for k, v in cfg.items() if k != "seeds"}  # noqa: E731
+    if not isinstance(old, dict) or strip(old) != strip(mine):
+        raise HarnessError(f"{plan.out} holds a run of other settings than profile {plan.profile.name!r} as it "
+                           "is now (config.json differs); use another --out for this run")
+    old["seeds"] = sorted({*old.get("seeds", []), *plan.seeds})
+    atomic_write_text(path, json.dumps(old, indent=2) + "\n")
+
+
+def merge_partial(plan: Plan, index: Path) -> Path | None:
+    """Merge a partial run into the complete run's results.json and regenerate results.md;
+    None (nothing written) when the folder holds no complete run."""
+    from metasae.report import read_index
+
+    path = plan.out / "results.json"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("notebooks"), list):
+        return None
+    commit, dirty = plan.git if plan.git is not None else git_state()
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    new = {(ex.notebook.path.name, ex.seed): ex for ex in plan.executions}
+    kept = [n for n in record["notebooks"] if (n.get("notebook"), n.get("seed")) not in new]
+    record["notebooks"] = kept + [
+        {"notebook": ex.notebook.path.name, "seed": ex.seed, "seconds": round(ex.seconds, 3),
+         "executed": str(ex.output), "commit": commit, "finished": now} for ex in plan.executions]
+    record["seeds"] = sorted({*record.get("seeds", []), *plan.seeds})
+    record.setdefault("updates", []).append({
+        "notebooks": [nb.path.name for nb in plan.notebooks], "seeds": list(plan.seeds), "commit": commit,
+        "dirty": dirty, "finished": now})
+    ran = {n["notebook"].rsplit(".", 1)[0] for n in record["notebooks"] if isinstance(n.get("notebook"), str)}
+    record["artifacts"] = [e for e in read_index(index) if e.get("notebook") in ran or not e.get("notebook")]
+    atomic_write_json(path, record)
+    results = plan.out / "results.md"
+    atomic_write_text(results, render_results_md(record, plan.out))
+    return results
 
 
 # ---------------------------------------------------------------------------
@@ -592,22 +680,50 @@ def write_results(plan: Plan, index: Path) -> Path:
         if missing:
             raise HarnessError(f"{e['kind']} {e['name']} was recorded but {missing[0]} does not exist")
     commit, dirty = plan.git if plan.git is not None else git_state()
-    seeds_text = ",".join(str(s) for s in plan.seeds)
-    dirty_text = {True: " (dirty: uncommitted changes)", False: " (clean)", None: ""}[dirty]
-    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    record = {
+        "profile": plan.profile.name,
+        "description": plan.profile.description,
+        "seeds": plan.seeds,
+        "commit": commit,
+        "dirty": dirty,
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "figures": str(plan.figures),
+        "jobs": plan.jobs,
+        **total_wall(plan.started),
+        "stages": stage_timings(plan.executions),
+        "notebooks": [{"notebook": ex.notebook.path.name, "seed": ex.seed, "seconds": round(ex.seconds, 3),
+                       "executed": str(ex.output)} for ex in plan.executions],
+        "artifacts": entries,
+    }
+    atomic_write_json(plan.out / "results.json", record)
+    results = plan.out / "results.md"
+    atomic_write_text(results, render_results_md(record, plan.out))
+    return results
+
+
+def render_results_md(record: dict[str, Any], out: Path) -> str:
+    """results.md from a results.json record (a complete run, with any partial runs merged in)."""
+    seeds_text = ",".join(str(s) for s in record.get("seeds", []))
+    dirty_text = {True: " (dirty: uncommitted changes)", False: " (clean)"}.get(record.get("dirty"), "")
 
     def rel(p: str | Path) -> str:
-        return os.path.relpath(p, plan.out)
+        return os.path.relpath(p, out)
 
     lines = [
-        f"# Results: profile `{plan.profile.name}`",
+        f"# Results: profile `{record.get('profile')}`",
         "",
-        f"- profile: `{plan.profile.name}` ({plan.profile.description or 'no description'})",
+        f"- profile: `{record.get('profile')}` ({record.get('description') or 'no description'})",
         f"- seeds: {seeds_text}",
-        f"- git commit: `{commit}`{dirty_text}",
-        f"- finished: {now}",
-        f"- resolved config: [config.json]({rel(plan.out / 'config.json')})",
-        f"- figures folder: `{plan.figures}`",
+        f"- git commit: `{record.get('commit')}`{dirty_text}",
+        f"- finished: {record.get('finished')}",
+        f"- resolved config: [config.json]({rel(out / 'config.json')})",
+        f"- figures folder: `{record.get('figures', 'not recorded')}`",
+    ]
+    for u in record.get("updates", []):
+        lines.append(f"- updated by a partial run: {', '.join(u.get('notebooks', []))}, seeds "
+                     f"{','.join(str(s) for s in u.get('seeds', []))}, commit `{u.get('commit')}`, "
+                     f"finished {u.get('finished')}")
+    lines += [
         "",
         "Every notebook below ran without an error output.",
         "",
@@ -616,21 +732,23 @@ def write_results(plan: Plan, index: Path) -> Path:
         "| notebook | seed | seconds | executed copy |",
         "|---|---|---|---|",
     ]
-    for ex in plan.executions:
-        seed = "all" if ex.seed is None else str(ex.seed)
-        lines.append(f"| {ex.notebook.path.name} | {seed} | {ex.seconds:.1f} | [{ex.output.name}]({rel(ex.output)}) |")
-    stages = stage_timings(plan.executions)
-    wall = total_wall(plan.started)
-    lines += ["", "## Wall time", "",
-              "| stage | executions | side by side | wall (s) | seconds per execution |", "|---|---|---|---|---|"]
-    if "setup_s" in wall:
-        lines.append(f"| setup before the harness (environment, corpus) | | | {wall['setup_s']:.1f} | |")
-    for name, st in stages.items():
+    for n in record.get("notebooks", []):
+        seed = "all" if n.get("seed") is None else str(n["seed"])
+        lines.append(f"| {n['notebook']} | {seed} | {float(n.get('seconds', 0.0)):.1f} | "
+                     f"[{Path(n['executed']).name}]({rel(n['executed'])}) |")
+    lines += ["", "## Wall time", ""]
+    if record.get("updates"):
+        lines += ["Of the complete run; partial runs merged since are not counted.", ""]
+    lines += ["| stage | executions | side by side | wall (s) | seconds per execution |", "|---|---|---|---|---|"]
+    if "setup_s" in record:
+        lines.append(f"| setup before the harness (environment, corpus) | | | {record['setup_s']:.1f} | |")
+    for name, st in record.get("stages", {}).items():
         per = ", ".join(f"{x['seconds']:.1f}" for x in st["per_execution"])
         lines.append(f"| {name} | {len(st['per_execution'])} | {st['concurrency']} | {st['wall_s']:.1f} | {per} |")
-    origin = "run_all.sh's start, setup included" if wall["wall_s_total_includes_setup"] else \
+    origin = "run_all.sh's start, setup included" if record.get("wall_s_total_includes_setup") else \
         "the harness's start; setup not included"
-    lines.append(f"| total (from {origin}) | | | {wall['wall_s_total']:.1f} | |")
+    lines.append(f"| total (from {origin}) | | | {float(record.get('wall_s_total', float('nan'))):.1f} | |")
+    entries = record.get("artifacts", [])
     for kind, title in (("table", "Tables"), ("figure", "Figures")):
         rows = [e for e in entries if e["kind"] == kind]
         lines += ["", f"## {title}", ""]
@@ -643,22 +761,7 @@ def write_results(plan: Plan, index: Path) -> Path:
             seed = str(e["seed"]) if e.get("seed") is not None else seeds_text
             caption = " ".join(str(e.get("caption", "")).split()).replace("|", "\\|")
             lines.append(f"| {e['name']} | {files} | {caption} | {e.get('notebook', '')} | {seed} |")
-    atomic_write_json(plan.out / "results.json", {
-        "profile": plan.profile.name,
-        "seeds": plan.seeds,
-        "commit": commit,
-        "dirty": dirty,
-        "finished": now,
-        "jobs": plan.jobs,
-        **wall,
-        "stages": stages,
-        "notebooks": [{"notebook": ex.notebook.path.name, "seed": ex.seed, "seconds": round(ex.seconds, 3),
-                       "executed": str(ex.output)} for ex in plan.executions],
-        "artifacts": entries,
-    })
-    results = plan.out / "results.md"
-    atomic_write_text(results, "\n".join(lines) + "\n")
-    return results
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------

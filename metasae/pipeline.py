@@ -24,8 +24,9 @@ import numpy as np
 import torch
 
 from metasae import paths
-from metasae.checkpoint import TrainedRun, load_trained_run, read_trainer
+from metasae.checkpoint import TrainedRun, load_trained_run, read_trainer, saelens_export_metadata
 from metasae.config import Profile, RunSpec, load_profile, parse_seeds
+from metasae.harness import git_state
 from metasae.io import atomic_write_json, read_json
 
 # ---------------------------------------------------------------------------
@@ -138,8 +139,11 @@ def train_seed(ctx: RunContext, seed: int, progress: bool = True) -> dict[str, T
         def calib():  # held-out tokens for the inference threshold (L0 = k on them)
             return cache.valid_acts("calib", B)
 
+        commit, dirty = git_state()
         trainer = FanOutTrainer(p.sae, p.meta, p.train, runs, ckpt_root=root, progress=progress,
-                                desc=f"seed {seed}: {len(runs)} SAEs", rebuild_hint=_rebuild_hint(ctx, root))
+                                desc=f"seed {seed}: {len(runs)} SAEs", rebuild_hint=_rebuild_hint(ctx, root),
+                                export_metadata=saelens_export_metadata(p, cache.manifest["bos_token_id"], cut,
+                                                                        commit, dirty))
         trainer.train(batches, n_steps, calib=calib, snapshot_steps=snapshot_steps(ctx, n_steps),
                       snapshot_runs=("solo", p.replicated_run))
     _TRAINED[key] = {r.name: load_trained_run(root, r.name, _rebuild_hint(ctx, root)) for r in runs}

@@ -34,13 +34,17 @@ import torch
 from tqdm.auto import tqdm
 
 from metasae.checkpoint import (
+    SAELENS_DIR,
+    SAELENS_META_DIR,
     TRAINER_FILE,
     config_fingerprint,
     export_saelens,
+    export_saelens_meta,
     load_optimizer_tensors,
     load_sae_tensors,
     read_run_step,
     read_trainer,
+    saelens_run_metadata,
     step_dirname,
     write_run_step,
 )
@@ -95,7 +99,7 @@ class FanOutTrainer:
 
     def __init__(self, sae_cfg: SAEConfig, meta_cfg: MetaConfig, train_cfg: TrainConfig, runs: list[RunSpec],
                  ckpt_root: str | Path | None = None, progress: bool = True, desc: str = "train",
-                 rebuild_hint: str = ""):
+                 rebuild_hint: str = "", export_metadata: dict[str, Any] | None = None):
         sae_cfg.validate("sae")
         train_cfg.validate("train")
         if not runs:
@@ -120,6 +124,11 @@ class FanOutTrainer:
         self.progress, self.desc = progress, desc
         self.rebuild_hint = rebuild_hint or f"delete {self.ckpt_root} and rerun the training stage"
         """What an IntegrityError on resume tells the user to run (the pipeline passes its command)."""
+        self.export_metadata = dict(export_metadata or {})
+        """Model, hook, token stream and provenance for every SAELens export
+        (:func:`~metasae.checkpoint.saelens_export_metadata`): plain values from the
+        pipeline, so the trainer stays blind to the model.  Descriptive only, so not
+        part of the fingerprint: a new git commit does not invalidate a resume."""
         self.autocast = train_cfg.autocast == "bfloat16"
         self.device = resolve_device(train_cfg.device)
 
@@ -172,8 +181,12 @@ class FanOutTrainer:
                                                          if st.calibration else {})})
         if complete:  # exported before the final commit: a completed trainer.json implies complete exports
             for st in states:
-                export_saelens(st.primary, self.ckpt_root / st.spec.name / "saelens",
-                               metadata={"run": st.spec.name, "seed": st.spec.seed})
+                folder = self.ckpt_root / st.spec.name / SAELENS_DIR
+                metadata = {**self.export_metadata,
+                            **saelens_run_metadata(st.spec, step * self.train_cfg.batch_size, st.calibration)}
+                export_saelens(st.primary, folder, metadata=metadata)
+                if st.meta is not None:
+                    export_saelens_meta(st.meta, folder / SAELENS_META_DIR, metadata)
         atomic_write_json(self.ckpt_root / TRAINER_FILE, {
             "step": step, "n_steps": n_steps, "complete": complete, "fingerprint": self.fingerprint(n_steps),
             "runs": [s.spec.name for s in states], "batch_size": self.train_cfg.batch_size,

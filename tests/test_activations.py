@@ -246,6 +246,27 @@ def test_resume_rebuilds_partial_shard(built, tmp_path, tiny_llama):
     assert (copy / sh["file"]).read_bytes() == (out / sh["file"]).read_bytes()
 
 
+def test_truncated_finished_shard_is_rebuilt_with_one_line(built, tmp_path, tiny_llama, capsys):
+    out, _ = built
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in out.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    sh = json.loads((copy / "manifest.json").read_text())["splits"]["train"]["shards"][1]
+    data = (copy / sh["file"]).read_bytes()
+    (copy / sh["file"]).write_bytes(data[:-10])  # finished in the manifest, truncated on disk
+    capsys.readouterr()
+    build_cache(_profile(), copy, progress=False, documents=DOCS, loaded=tiny_llama)
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert err == [f"[metasae] activation cache {copy}: {sh['file']} (train split) is truncated "
+                   f"({len(data) - 10:,} of {len(data):,} bytes); re-harvesting its 64 tokens"]
+    assert (copy / sh["file"]).read_bytes() == data
+    (copy / sh["file"]).unlink()
+    build_cache(_profile(), copy, progress=False, documents=DOCS, loaded=tiny_llama)
+    assert "is missing; re-harvesting" in capsys.readouterr().err
+    assert (copy / sh["file"]).read_bytes() == data
+
+
 @pytest.mark.parametrize("damage", ["truncate", "alter"])
 def test_corrupted_shard_detected(built, tmp_path, damage):
     out, _ = built

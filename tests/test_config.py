@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from shipped import shipped_profiles
 
 from metasae.config import ConfigError, available_profiles, load_profile, parse_seeds, profile_from_dict
 
@@ -130,7 +131,7 @@ def test_base_profile_is_valid_and_fills_d_in_from_the_registry():
     assert p.model.trust_remote_code is False  # off unless a profile sets it
 
 
-@pytest.mark.parametrize("name", available_profiles())
+@pytest.mark.parametrize("name", shipped_profiles())
 def test_shipped_profiles_validate(name):
     p = load_profile(name)
     assert p.name == name
@@ -327,12 +328,11 @@ def test_resolved_profile_round_trips_through_its_saved_json():
     assert again == p
 
 
-def test_profile_dir_holds_only_toml_files_that_validate():
+def test_every_shipped_profile_file_validates():
     from metasae.config import PROFILE_DIR
 
-    for f in Path(PROFILE_DIR).iterdir():
-        if f.suffix == ".toml":
-            load_profile(f)
+    for name in shipped_profiles():
+        load_profile(Path(PROFILE_DIR) / f"{name}.toml")
 
 
 def test_profiles_validate_without_torch():
@@ -379,3 +379,23 @@ def test_profile_that_does_not_fit_in_memory_is_refused_naming_the_setting():
     with pytest.raises(HarnessError, match="sae.n_latents = 256") as exc:
         check_memory(prof, jobs=2, available=need + 1)  # two seeds at once need twice as much
     assert "--jobs 1" in str(exc.value)
+
+
+def test_seeds_too_large_for_the_generators_are_refused_up_front():
+    from metasae.config import MAX_SEED, parse_seeds
+
+    assert parse_seeds(f"0,{MAX_SEED}") == [0, MAX_SEED]
+    for text in ("99999999999999999999", str(MAX_SEED + 1)):
+        with pytest.raises(ConfigError, match="at most") as exc:
+            parse_seeds(text)
+        assert "\n" not in str(exc.value)
+    with pytest.raises(ConfigError, match="at most"):
+        profile_from_dict(with_({"seeds": [2**40]}))
+    # the largest seed and everything derived from it fit numpy's and torch's generators
+    import numpy as np
+    import torch
+
+    for derived in (MAX_SEED + 1000 * 3, MAX_SEED + 7919, MAX_SEED + 104729):
+        np.random.default_rng(derived)
+        np.random.seed(derived)
+        torch.Generator().manual_seed(derived)

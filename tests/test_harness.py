@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -253,6 +254,47 @@ def test_per_seed_notebook_runs_once_per_seed(tiny: dict[str, Path]) -> None:
         ("01_train.py", 0), ("01_train.py", 1), ("02_good.py", None)]
     results = (tiny["out"] / "results.md").read_text()
     assert "table_seed0" in results and "table_seed1" in results
+
+
+def test_partial_run_merges_into_a_complete_one(tiny: dict[str, Path]) -> None:
+    """--only with another seed after a complete run: the complete run's record survives, merged."""
+    (tiny["notebooks"] / "01_train.py").write_text(PER_SEED)
+    (tiny["notebooks"] / "02_good.py").write_text(GOOD)
+    assert _harness(*_args(tiny, "--seeds", "0,1")).returncode == 0
+    before = json.loads((tiny["out"] / "results.json").read_text())
+
+    proc = _harness(*_args(tiny, "--only", "01_train", "--seeds", "3"))
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((tiny["out"] / "results.json").read_text())
+    names = {e["name"] for e in data["artifacts"]}
+    assert {"table_seed0", "table_seed1", "table_seed3", "table_good", "fig_good"} <= names
+    assert [(n["notebook"], n["seed"]) for n in data["notebooks"]] == [
+        ("01_train.py", 0), ("01_train.py", 1), ("02_good.py", None), ("01_train.py", 3)]
+    assert data["seeds"] == [0, 1, 3]
+    assert data["stages"] == before["stages"] and data["wall_s_total"] == before["wall_s_total"]
+    assert [u["seeds"] for u in data["updates"]] == [[3]] and data["updates"][0]["notebooks"] == ["01_train.py"]
+    index = [json.loads(line) for line in (tiny["out"] / "artifacts.jsonl").read_text().splitlines()]
+    assert {(e["name"], e.get("seed")) for e in index} >= {("table_seed0", 0), ("table_seed1", 1), ("table_seed3", 3)}
+    assert json.loads((tiny["out"] / "config.json").read_text())["seeds"] == [0, 1, 3]
+    md = (tiny["out"] / "results.md").read_text()
+    for name in ("table_seed0", "table_seed1", "table_seed3", "fig_good", "updated by a partial run: 01_train.py"):
+        assert name in md
+    for link in re.findall(r"\]\(([^)]+)\)", md):
+        assert (tiny["out"] / link).is_file(), link
+
+    # re-running a seed of the complete run replaces its execution, keeps the others
+    assert _harness(*_args(tiny, "--only", "01_train", "--seeds", "0")).returncode == 0
+    data = json.loads((tiny["out"] / "results.json").read_text())
+    assert sorted((n["notebook"], -1 if n["seed"] is None else n["seed"]) for n in data["notebooks"]) == [
+        ("01_train.py", 0), ("01_train.py", 1), ("01_train.py", 3), ("02_good.py", -1)]
+    assert len(data["updates"]) == 2
+
+    # a partial run under other settings is refused before it runs anything
+    tiny["profile"].write_text(TINY_PROFILE.replace("k = 2", "k = 3"))
+    msg = _one_sentence_error(_harness(*_args(tiny, "--only", "01_train", "--seeds", "4")))
+    assert "config.json differs" in msg
+    assert not (tiny["out"] / "notebooks" / "01_train.seed4.ipynb").exists()
+    assert json.loads((tiny["out"] / "results.json").read_text())["seeds"] == [0, 1, 3]
 
 
 def test_only_runs_one_notebook_and_writes_no_results(tiny: dict[str, Path]) -> None:

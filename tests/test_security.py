@@ -197,9 +197,11 @@ def test_trust_remote_code_only_when_the_profile_sets_it(record_from_pretrained)
 
 
 def test_profiles_default_trust_remote_code_off_and_require_a_boolean():
-    from metasae.config import available_profiles, load_profile
+    from shipped import shipped_profiles
 
-    for name in available_profiles():
+    from metasae.config import load_profile
+
+    for name in shipped_profiles():
         assert load_profile(name).model.trust_remote_code is False, name
     with pytest.raises(ConfigError, match="model.trust_remote_code"):
         profile_from_dict(_profile(model={"trust_remote_code": 1}))

@@ -24,6 +24,7 @@ batches it would have seen.
 from __future__ import annotations
 
 import math
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -88,11 +89,21 @@ def build_cache(profile: Any, out_dir: Path, progress: bool = True, documents: S
         return loaded
 
     if manifest is None or not _token_files_ok(out_dir, manifest):
+        if manifest is not None:
+            _say(f"activation cache {out_dir}: token or mask files missing or damaged; re-tokenising "
+                 "(finished activation shards of unchanged tokens are kept)")
         manifest = _tokenise(profile, out_dir, key, documents, get_loaded(), manifest)
         atomic_write_json(man_path, manifest)
 
     pending = [(s, i) for s in SPLITS for i, sh in enumerate(manifest["splits"][s]["shards"])
                if not _shard_done(out_dir, sh)]
+    for s, i in pending:
+        sh = manifest["splits"][s]["shards"][i]
+        if sh.get("sha256"):  # it was finished once: say what was found and what is rebuilt
+            p = out_dir / sh["file"]
+            found = f"truncated ({p.stat().st_size:,} of {sh['size']:,} bytes)" if p.is_file() else "missing"
+            _say(f"activation cache {out_dir}: {sh['file']} ({s} split) is {found}; "
+                 f"re-harvesting its {_shard_rows(sh) * manifest['ctx_len']:,} tokens")
     if pending:
         lm = get_loaded()
         from metasae.activations.harvest import check_site, harvest_rows
@@ -130,6 +141,11 @@ def build_cache(profile: Any, out_dir: Path, progress: bool = True, documents: S
         if bar is not None:
             bar.close()
     return ActivationCache(out_dir, profile_name=profile.name)
+
+
+def _say(message: str) -> None:
+    """One line on stderr (visible in a notebook's output and in the terminal)."""
+    print(f"[metasae] {message}", file=sys.stderr, flush=True)
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:
