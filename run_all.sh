@@ -2,7 +2,7 @@
 # Regenerate the paper's tables and figures.
 #
 #   bash run_all.sh [--profile NAME] [--seeds 0,1,2] [--out DIR] [--figures DIR] [--only NOTEBOOK]
-#                   [--jobs N]
+#                   [--jobs N] [--plan]
 #
 # With no argument: profile "default" (the embedded SmolLM2 model on the offline
 # Debian corpus, CPU).  Sets up the environment on first use (scripts/setup_env.sh),
@@ -37,8 +37,11 @@ corpus="$("$py" -m metasae.harness --check "$@")" || exit $?
 # 2. Environment (a no-op when nothing changed since the last run).
 metasae_setup || exit 1
 
-# 3. The offline corpus, when the profile uses it.
-metasae_ensure_corpus "$corpus" || exit $?
+# 3. The offline corpus, when the profile uses it (a --plan needs none).
+case " $* " in
+    *" --plan "*) ;;
+    *) metasae_ensure_corpus "$corpus" || exit $? ;;
+esac
 
 # 4. The notebooks.
 exec "$METASAE_PY" -m metasae.harness "$@"

@@ -56,6 +56,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -160,6 +161,9 @@ def build_parser(prog: str = "python -m metasae.harness") -> argparse.ArgumentPa
                         f"default: ${JOBS_ENV} or 1")
     p.add_argument("--check", action="store_true",
                    help="validate the input, print the profile's corpus name and exit")
+    p.add_argument("--plan", action="store_true",
+                   help="print what each stage will need (tokens, disk, memory, GPU memory, time from a short "
+                        "calibration on this machine) and exit; non-zero when it does not fit")
     return p
 
 
@@ -184,6 +188,8 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     jobs = parse_jobs(args.jobs, "--jobs") if args.jobs is not None else parse_jobs(
         os.environ.get(JOBS_ENV) or "1", JOBS_ENV)
     check_memory(profile, jobs)
+    if not getattr(args, "plan", False):  # --plan prints the whole plan, fitting or not
+        check_plan(profile, jobs, out)
     return Plan(profile, list(profile.seeds), out, figures, notebooks, only=bool(args.only), jobs=jobs)
 
 
@@ -216,6 +222,79 @@ def check_memory(profile: Profile, jobs: int, available: int | None = None) -> N
             f"train.batch_size = {profile.train.batch_size}, {len(profile.runs_for_seed(profile.seeds[0]))} SAEs on "
             f"seed {profile.seeds[0]}) but {available / 2 ** 30:.1f} GiB are available; lower sae.n_latents, "
             f"train.batch_size or the grid, or run with --jobs 1")
+
+
+def _used_bytes(folder: Path) -> int:
+    """Bytes of the files already under `folder` (a rerun needs only what is missing)."""
+    total = 0
+    for root, _, files in os.walk(folder):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _free_disk(folder: Path) -> int | None:
+    """Free bytes on the file system that will hold `folder` (its nearest existing parent)."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        return shutil.disk_usage(probe).free
+    except OSError:
+        return None
+
+
+def check_plan(profile: Profile, jobs: int, out: Path) -> None:
+    """Refuse, before any work, a profile whose disk or memory needs (metasae.plan) this machine lacks.
+
+    What the output folder already holds counts as written (a rerun only adds what is
+    missing); GPU memory is checked by ``--plan``, where torch is loaded."""
+    from metasae.plan import PlanError, check, estimate
+
+    try:
+        plan = estimate(profile, jobs, device="cpu" if profile.train.device in ("cpu", "auto") else "cuda")
+    except (ConfigError, ValueError, KeyError, TypeError, ZeroDivisionError):
+        return  # a profile the planner cannot size is still checked by check_memory
+    free = _free_disk(out)
+    if free is not None and out.exists():
+        free += _used_bytes(out)
+    try:
+        check(plan, free, available_memory_bytes() if profile.train.device == "cpu" else None)
+    except PlanError as exc:
+        raise HarnessError(f"{exc} (bash run_all.sh --profile {profile.name} --plan shows every stage)") from None
+
+
+def print_plan(plan_args: Plan) -> int:
+    """``--plan``: calibrate on this machine, print the plan; 2 when it does not fit."""
+    from metasae.plan import PlanError, calibrate, check, estimate, gpu_memory_bytes, render, resolve_device
+
+    profile = plan_args.profile
+    device = resolve_device(profile)
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            print(f"error: profile {profile.name!r} asks for train.device = {profile.train.device!r} but torch sees no "
+                  "CUDA device here; use a machine with a GPU or set train.device = 'cpu' or 'auto'", file=sys.stderr)
+            return 2
+    print(f"[metasae] calibrating on {device} at the shape of profile {profile.name!r} ...", file=sys.stderr)
+    parallel = max(1, min(plan_args.jobs, len(profile.seeds)))
+    calib = calibrate(profile, device, threads=threads_per_process(parallel) if not device.startswith("cuda") else 0)
+    plan = estimate(profile, plan_args.jobs, calib, device)
+    print(render(plan, calib))
+    free = _free_disk(plan_args.out)
+    if free is not None and plan_args.out.exists():
+        free += _used_bytes(plan_args.out)
+    try:
+        check(plan, free, available_memory_bytes() if not device.startswith("cuda") else None,
+              gpu_memory_bytes(device))
+    except PlanError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def parse_jobs(text: str, what: str = "--jobs") -> int:
@@ -719,6 +798,8 @@ def render_results_md(record: dict[str, Any], out: Path) -> str:
         f"- resolved config: [config.json]({rel(out / 'config.json')})",
         f"- figures folder: `{record.get('figures', 'not recorded')}`",
     ]
+    browser = out / "browser" / "index.html"  # notebook 08's static feature browser
+    lines += [f"- feature browser: [browser/index.html]({rel(browser)})"] if browser.is_file() else []
     for u in record.get("updates", []):
         lines.append(f"- updated by a partial run: {', '.join(u.get('notebooks', []))}, seeds "
                      f"{','.join(str(s) for s in u.get('seeds', []))}, commit `{u.get('commit')}`, "
@@ -780,6 +861,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m metasae.harness")
     if args.check:
         print(plan.profile.data.corpus)
         return 0
+    if args.plan:
+        return print_plan(plan)
     plan.kernel = args.kernel
     try:
         results = run(plan)

@@ -1,0 +1,120 @@
+"""metasae.plan and ``--plan``: sizes by hand, refusals in one sentence, a measured calibration."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from shipped import shipped_profiles
+
+from metasae import harness, plan
+from metasae.config import load_profile, profile_from_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _tiny(**data) -> "plan.Profile":
+    return profile_from_dict({
+        "name": "tinyplan", "seeds": [0, 1],
+        "model": {"name": "smollm2-135m", "layer": 4},
+        "data": {"corpus": "none", "ctx_len": 16, "train_tokens": 4096, "calib_tokens": 512, "phi_tokens": 1024,
+                 "autointerp_tokens": 256, **data},
+        "sae": {"n_latents": 64, "k": 4},
+        "meta": {"n_latents": 8, "k": 2},
+        "train": {"batch_size": 256, "epochs": 2.0, "snapshot_fractions": [0.5]},
+        "grid": {"lambda2": [0.3], "sigma2": [1.0], "independent_solos": 1, "meta_sizes": [], "ortho_coefs": []},
+        "synthetic": {"enabled": False},
+        "autointerp": {"window": 16},
+    })
+
+
+def test_sizes_by_hand() -> None:
+    p = _tiny()
+    d, n = p.sae.d_in, 64
+    tokens = 4096 + 512 + 1024 + 256
+    assert plan.cache_bytes(p) == (tokens, tokens * (d * 2 + 5))
+    w = (2 * n * d + n + d) * 4
+    assert plan.sae_bytes(n, d) == w
+    expected = 0
+    for seed in p.seeds:
+        runs = p.runs_for_seed(seed)
+        for r in runs:
+            ww = w + (plan.sae_bytes(8, d) if r.kind == "joint" else 0)
+            expected += ww * 6 + ww + ww * 1
+        expected += (1 + sum(r.name.startswith("solo_indep") for r in runs)) * n * n * 4
+    assert plan.run_folder_bytes(p) == expected
+    est = plan.estimate(p, jobs=2)
+    assert [s.name.split()[0] for s in est.stages] == ["harvest", "train", "evaluation,", "autointerp"]
+    assert est.disk_bytes == tokens * (d * 2 + 5) + expected
+    train = est.stages[1]
+    assert train.tokens == (4096 * 2 // 256) * 256 * sum(len(p.runs_for_seed(s)) for s in p.seeds)
+    assert train.ram_bytes == p.train_memory_bytes() * 2  # two seeds side by side
+    assert all(s.seconds is None for s in est.stages)
+    text = plan.render(est)
+    assert "not estimated" in text and "| total |" in text
+    # the harvest runs the blocks before the hooked layer, not the embedding
+    total, run = plan.model_params(p)
+    assert total == plan.MODEL_PARAMS["smollm2-135m"] and 0 < run < total
+    assert run == int((total - 49152 * 576) / 30 * 4)
+
+
+def test_parallel_time() -> None:
+    assert plan._parallel_time([5.0, 1.0, 1.0, 1.0], 2) == 5.0
+    assert plan._parallel_time([3.0, 3.0, 2.0], 2) == 5.0
+    assert plan._parallel_time([1.0, 2.0], 1) == 3.0
+
+
+def test_refusals_are_one_sentence() -> None:
+    est = plan.estimate(_tiny(), jobs=1)
+    with pytest.raises(plan.PlanError, match="MiB of disk") as exc:
+        plan.check(est, free_disk=est.disk_bytes - 1, free_ram=None)
+    big = max(est.stages, key=lambda s: s.disk_bytes)
+    assert "\n" not in str(exc.value) and f"({big.name}: " in str(exc.value)
+    plan.check(est, free_disk=est.disk_bytes, free_ram=None)
+    biggest = max(s.ram_bytes for s in est.stages)
+    with pytest.raises(plan.PlanError, match="of memory for"):
+        plan.check(est, free_disk=None, free_ram=biggest - 1)
+    with pytest.raises(plan.PlanError, match="GPU memory"):
+        plan.check(plan.estimate(_tiny(), device="cuda"), None, None, gpu_bytes=1)
+
+
+def test_harness_refuses_what_the_disk_will_not_hold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    p = _tiny()
+    need = plan.estimate(p, 1).disk_bytes
+    monkeypatch.setattr(harness, "_free_disk", lambda folder: need // 2)
+    with pytest.raises(harness.HarnessError, match="MiB of disk") as exc:
+        harness.check_plan(p, 1, tmp_path / "out")
+    assert "--plan" in str(exc.value)
+    # a rerun into a folder that already holds most of the run needs only what is missing
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "blob").write_bytes(b"\0" * (need // 2 + 1))
+    harness.check_plan(p, 1, out)
+
+
+@pytest.mark.parametrize("name", shipped_profiles())
+def test_every_shipped_profile_has_a_plan(name: str) -> None:
+    prof = load_profile(name)
+    est = plan.estimate(prof, jobs=2, device="cuda" if prof.train.device != "cpu" else "cpu")
+    assert est.disk_bytes > 0 and all(s.tokens > 0 for s in est.stages)
+
+
+def test_calibration_measures_this_machine() -> None:
+    p = load_profile("smoke")
+    calib = plan.calibrate(p, "cpu", steps=1, threads=1)
+    assert calib.harvest_flops > 0 and all(v > 0 for v in calib.gemm_flops.values())
+    assert set(calib.step_s) >= {"solo", "joint"} and all(v > 0 for v in calib.step_s.values())
+    est = plan.estimate(p, jobs=2, calib=calib)
+    assert all(s.seconds and s.seconds > 0 for s in est.stages[:3]) and est.stages[3].seconds is None
+    assert "Calibration on cpu" in plan.render(est, calib)
+
+
+def test_plan_cli() -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "metasae.harness", "--profile", "smoke", "--plan"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "Plan for profile `smoke`" in proc.stdout and "| train (01_train) |" in proc.stdout
