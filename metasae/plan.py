@@ -181,7 +181,7 @@ def estimate(profile: Profile, jobs: int = 1, calib: Calibration | None = None, 
         train_s = _parallel_time(per_seed, parallel)
     plan.stages.append(Stage("train (01_train)", steps * B * len(kinds), run_folder_bytes(profile) - _cross_bytes(profile),
                              train_mem * parallel if not on_gpu else 2 * GiB, train_mem if on_gpu else 0, train_s,
-                             f"{len(kinds)} SAEs over {len(profile.seeds)} seeds, {steps:,} steps of {B:,} tokens"))
+                             f"tokens counted once per SAE: {len(kinds)} SAEs over {len(profile.seeds)} seeds, {steps:,} steps of {B:,} tokens"))
 
     phi_tokens = profile.data.phi_tokens
     eval_s = None
@@ -190,7 +190,7 @@ def estimate(profile: Profile, jobs: int = 1, calib: Calibration | None = None, 
         per_seed = [len(profile.runs_for_seed(s)) * batches * calib.eval_batch_s for s in profile.seeds]
         eval_s = _parallel_time(per_seed, parallel)
     eval_ram = (sae_bytes(n, d) * 2 + B * n * 4 * 2 + n * n * 4) * (parallel if not on_gpu else 1)
-    plan.stages.append(Stage("evaluation, |phi| (02_cooccurrence)", phi_tokens * len(kinds), _cross_bytes(profile),
+    plan.stages.append(Stage("evaluation and phi (02_cooccurrence)", phi_tokens * len(kinds), _cross_bytes(profile),
                              eval_ram, sae_bytes(n, d) * 2 + B * n * 4 * 2 if on_gpu else 0, eval_s,
                              "one encoder pass per SAE over the phi split; CE splices not included"))
     plan.stages.append(Stage("autointerp (03_autointerp)", profile.data.autointerp_tokens, 0, weights, 0, None,

@@ -47,7 +47,7 @@ def test_sizes_by_hand() -> None:
         expected += (1 + sum(r.name.startswith("solo_indep") for r in runs)) * n * n * 4
     assert plan.run_folder_bytes(p) == expected
     est = plan.estimate(p, jobs=2)
-    assert [s.name.split()[0] for s in est.stages] == ["harvest", "train", "evaluation,", "autointerp"]
+    assert [s.name.split()[0] for s in est.stages] == ["harvest", "train", "evaluation", "autointerp"]
     assert est.disk_bytes == tokens * (d * 2 + 5) + expected
     train = est.stages[1]
     assert train.tokens == (4096 * 2 // 256) * 256 * sum(len(p.runs_for_seed(s)) for s in p.seeds)
