@@ -1,6 +1,6 @@
 """Saving the paper's tables and figures, and recording each one for results.md.
 
-Notebooks call two functions and nothing else from here:
+Notebooks save every artefact through two functions:
 
 * ``save_figure(fig, name, figures_dir, caption="")`` writes ``<name>.png`` and
   ``<name>.pdf`` into ``figures_dir``;
@@ -14,6 +14,14 @@ caption, producing notebook, seed(s)) to the artefact index that
 ``$METASAE_NOTEBOOK``, ``$METASAE_SEED`` and ``$METASAE_SEEDS``; run by hand, a
 table is indexed in ``<out_dir>/artifacts.jsonl`` and a figure in
 ``<figures_dir>/artifacts.jsonl``.
+
+Figures that need more than a plain ``ax.plot`` are drawn with the plotting
+helpers below (Figure 1a's |phi| density on a log axis, Figure 2's score
+densities, token axes, the 'not enough data' note), so that what a reader sees
+is tested (``tests/test_figures.py``): a figure computed from a sample states
+its n, and one drawn from too few points says so instead of showing an empty
+axis.  matplotlib is imported only inside the helpers: it is an optional
+dependency (the ``notebooks`` extra), and the harness reads the index without it.
 
 pandas is optional: a table is a DataFrame, a list of dicts, or a list of
 sequences with ``columns=``.
@@ -30,6 +38,8 @@ import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
 
 from metasae.io import atomic_path, atomic_write_text
 
@@ -142,6 +152,211 @@ def table_rows(data: Any, columns: Sequence[str] | None = None) -> tuple[list[st
     if any(len(r) != len(cols) for r in rows):
         raise ValueError(f"save_table: every row must have {len(cols)} values ({', '.join(cols)})")
     return cols, rows
+
+
+# ---------------------------------------------------------------------------
+# Plotting helpers
+# ---------------------------------------------------------------------------
+
+PHI_LOG_EDGES = np.logspace(-4, 0, 17)
+"""|phi| bins of Figure 1a: four per decade from 1e-4 to 1.  The finest stored
+|phi| histogram (``metrics.cooccurrence.ABS_FINE``) has bins 1e-5 wide, so 1e-4
+is the smallest edge whose bin still spans several stored bins; the share of
+pairs below it is stated in the legend, not drawn."""
+
+MIN_DENSITY_PAIRS = 20
+"""Fewest matched pairs from which Figure 2 draws a score density (ten bins);
+with fewer, the panel shows the pairs one by one and says 'not enough data'."""
+
+
+def count_label(x: float, digits: int = 4) -> str:
+    """A count written short, to ``digits`` significant digits: 0, 500, 250k, 1.5M, 2B."""
+    if x == 0:
+        return "0"
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            return f"{x / scale:.{digits}g}{suffix}"
+    return f"{x:.{digits}g}"
+
+
+def format_tokens_axis(ax: Any, label: str = "training tokens", max_ticks: int = 6) -> None:
+    """Write token counts on the x axis as 0, 500k, 1M, ..., with as many major ticks as the panel has room
+    for: at most ``max_ticks`` intervals (so at most ``max_ticks + 1`` ticks).
+
+    matplotlib's default locator puts up to ten ticks on an axis and writes raw
+    counts (``10000 20000 ...``) or moves the scale into an offset (``1e6``), which
+    run together or hide the unit on the narrow panels of the training curves.
+    """
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    class TokenLocator(MaxNLocator):
+        """Round steps (1, 2, 2.5, 5 x 10^k); one interval per 4 em of axis length (a label of up to five
+        characters and a gap), never more than ``max_ticks``."""
+
+        def tick_values(self, vmin: float, vmax: float) -> Any:
+            room = self.axis.get_tick_space() * 3 // 4 if self.axis is not None else max_ticks  # tick space: 3 em
+            self.set_params(nbins=int(np.clip(room, 2, max_ticks)))
+            return super().tick_values(vmin, vmax)
+
+    ax.xaxis.set_major_locator(TokenLocator(steps=[1, 2, 2.5, 5, 10], min_n_ticks=3))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: count_label(x)))
+    ax.set_xlabel(label)
+
+
+def not_enough_data(ax: Any, n: int, need: int, what: str = "pairs", y: float = 0.5) -> Any:
+    """Say on the panel that it was drawn from too few data points; return the text artist.
+
+    The note, 'not enough data / n = 3 pairs (need ≥ 20)', sits above everything
+    else at height ``y`` in axes coordinates, so a panel with few points (or none)
+    states why instead of looking like a result.
+    """
+    return ax.text(0.5, y, f"not enough data\nn = {n} {what} (need ≥ {need})", transform=ax.transAxes,
+                   ha="center", va="center", fontsize=9, color="firebrick", zorder=10,
+                   bbox=dict(boxstyle="round", facecolor="white", edgecolor="firebrick"))
+
+
+def abs_phi_cdf(summary: Any, x: Any) -> np.ndarray:
+    """Fraction of a ``PhiSummary``'s pairs with |phi| <= ``x``, read off its stored |phi| histograms.
+
+    Below the fine histogram's upper edge (0.02) the fine bins (1e-5 wide) are
+    used, above it the full ones (1e-3 wide); within a bin the pairs are taken as
+    spread evenly, so the distribution function is linear between bin edges.
+    """
+    fine, full = summary.hist_abs_fine, summary.hist_abs_full
+    tail = full.spec.edges[:-1] >= fine.spec.hi * (1 - 1e-9)  # full bins right of the fine range
+    edges = np.concatenate([fine.spec.edges, full.spec.edges[1:][tail]])
+    counts = np.concatenate([fine.counts, full.counts[tail]])
+    cum = np.concatenate([[0.0], np.cumsum(counts, dtype=float)])
+    return np.interp(x, edges, cum / max(summary.n_pairs, 1))
+
+
+def abs_phi_log_density(summary: Any, edges: np.ndarray = PHI_LOG_EDGES) -> np.ndarray:
+    """Fraction of pairs per decade of |phi| in each bin of ``edges``: Figure 1a's density on a log |phi|
+    axis, where the area over a bin is the share of pairs in it."""
+    return np.diff(abs_phi_cdf(summary, edges)) / np.diff(np.log10(edges))
+
+
+def plot_phi_density(ax: Any, phi_by_run: Mapping[str, Sequence[Any]],
+                     edges: np.ndarray = PHI_LOG_EDGES) -> dict[str, np.ndarray]:
+    """Figure 1a, the densities: |phi| per decade of each run on a log |phi| axis; return them (run -> seeds x bins).
+
+    ``phi_by_run`` maps a run name to its ``PhiSummary`` on each seed.  One seed
+    gives a step line; several give the mean with a band of ± one standard error
+    over seeds.  The legend states n (seeds, pairs per seed) and the share of
+    pairs left of the axis (|phi| below ``edges[0]``).
+    """
+    out = {}
+    for i, (run, summaries) in enumerate(phi_by_run.items()):
+        out[run] = np.array([abs_phi_log_density(s, edges) for s in summaries])
+        pairs = float(np.mean([s.n_pairs for s in summaries]))
+        below = float(np.mean([abs_phi_cdf(s, edges[0]) for s in summaries]))
+        _band(ax, edges, out[run], f"C{i}", f"{run}: {_sample_label(len(summaries), pairs)}, "
+                                            f"{100 * below:.1f} % < {_edge_label(edges[0])}")
+    _log_phi_axis(ax, edges)
+    ax.set_ylim(0, 1.35 * max(float(d.mean(axis=0).max()) for d in out.values()))  # headroom for the legend
+    ax.set_ylabel("fraction of pairs per decade of |φ|")
+    ax.legend(fontsize=7, loc="upper left", title=_band_title(out.values()), title_fontsize=7)
+    return out
+
+
+def plot_phi_density_diff(ax: Any, phi_by_run: Mapping[str, Sequence[Any]], joint: str, solo: str = "solo",
+                          edges: np.ndarray = PHI_LOG_EDGES) -> np.ndarray:
+    """Figure 1a, the difference: density(joint) - density(solo) per decade of |phi|; return it (seeds x bins).
+
+    The difference is taken seed by seed (the i-th summaries of both runs come
+    from the same seed, whose SAEs saw the same batches) and drawn as a step line
+    for one seed, or as the mean with a ± SE band over several.
+    """
+    per_seed_j, per_seed_s = phi_by_run[joint], phi_by_run[solo]
+    if len(per_seed_j) != len(per_seed_s):
+        raise ValueError(f"{joint} has {len(per_seed_j)} seeds and {solo} {len(per_seed_s)}: "
+                         f"the difference is paired by seed")
+    diff = np.array([abs_phi_log_density(a, edges) - abs_phi_log_density(b, edges)
+                     for a, b in zip(per_seed_j, per_seed_s)])
+    n = len(diff)
+    _band(ax, edges, diff, "k", f"{joint} − {solo}: n = {n} seed{'s' if n > 1 else ''}")
+    ax.axhline(0, color="0.5", lw=0.5)
+    _log_phi_axis(ax, edges)
+    ax.set_ylabel("Δ fraction of pairs per decade of |φ|")
+    ax.legend(fontsize=7, title=_band_title([diff]), title_fontsize=7)
+    return diff
+
+
+def plot_score_density_diff(ax: Any, joint: Sequence[Any], solo: Sequence[Any], *, title: str,
+                            score_range: tuple[float, float] = (0.0, 1.0), n_bins: int = 10,
+                            need: int = MIN_DENSITY_PAIRS) -> int:
+    """Figure 2, one scorer: the autointerp scores of joint vs solo latents over matched pairs; return n.
+
+    ``joint[i]`` and ``solo[i]`` score the two latents of pair i (None or nan:
+    missing); n counts the pairs scored on both sides.  With n >= ``need``: each
+    side's score density (lines) and the difference joint - solo (bars), the
+    paper's Figure 2.  With fewer: every pair on its own row, solo and joint
+    score joined, under the 'not enough data' note.  The title ends with n.
+    """
+    j, s = np.asarray(joint, dtype=float), np.asarray(solo, dtype=float)
+    both = np.isfinite(j) & np.isfinite(s)
+    j, s = j[both], s[both]
+    n = len(j)
+    lo, hi = score_range
+    ax.set_title(f"{title}: n = {n} pairs")
+    if n >= need:
+        edges = np.linspace(lo, hi, n_bins + 1)
+        dens_j = np.histogram(j, edges, density=True)[0]
+        dens_s = np.histogram(s, edges, density=True)[0]
+        ax.bar(0.5 * (edges[1:] + edges[:-1]), dens_j - dens_s, width=0.9 * (hi - lo) / n_bins, color="0.6",
+               label="joint − solo")
+        ax.stairs(dens_s, edges, color="C0", label="solo")
+        ax.stairs(dens_j, edges, color="C1", label="joint")
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_ylabel("density")
+    elif n:
+        rows = np.arange(1, n + 1)
+        ax.hlines(rows, np.minimum(s, j), np.maximum(s, j), color="0.6", lw=1)
+        ax.scatter(s, rows, color="C0", label="solo", zorder=3)
+        ax.scatter(j, rows, color="C1", marker="s", s=18, label="joint", zorder=3)
+        ax.set_ylim(0.5, 0.5 + n / 0.7)  # the rows fill the lower 70 %, the note the rest
+        ax.set_yticks(rows[::math.ceil(n / 8)])  # at most 8 labelled rows
+        ax.set_ylabel("matched pair")
+        not_enough_data(ax, n, need, "pairs", y=0.85)
+    else:
+        ax.set_yticks([])
+        not_enough_data(ax, n, need, "pairs")
+    ax.set_xlim(lo, hi)
+    ax.set_xlabel("score")
+    if n:
+        ax.legend(fontsize=7, loc="lower right" if n < need else "best")
+    return n
+
+
+def _log_phi_axis(ax: Any, edges: np.ndarray) -> None:
+    ax.set_xscale("log")
+    ax.set_xlim(edges[0], edges[-1])
+    ax.set_xlabel("|φ| (log scale)")
+
+
+def _sample_label(n_seeds: int, pairs: float) -> str:
+    pairs_label = f"{count_label(pairs, 3)} pairs"
+    return f"n = {pairs_label}" if n_seeds == 1 else f"n = {n_seeds} seeds × {pairs_label}"
+
+
+def _edge_label(x: float) -> str:
+    """A |phi| edge as the log axis writes it: 10^-4 for a power of ten."""
+    exponent = np.log10(x)
+    return f"$10^{{{exponent:.0f}}}$" if exponent == round(exponent) else f"{x:g}"
+
+
+def _band_title(curves: Iterable[np.ndarray]) -> str | None:
+    """Legend title that explains the bands, when some curve has several seeds."""
+    return "mean ± SE over seeds" if any(len(c) > 1 for c in curves) else None
+
+
+def _band(ax: Any, edges: np.ndarray, rows: np.ndarray, color: str, label: str) -> None:
+    """Step line of the mean of ``rows`` over bins ``edges``, with a ± SE band when there are several rows."""
+    mean = rows.mean(axis=0)
+    if len(rows) > 1:
+        se = rows.std(axis=0, ddof=1) / np.sqrt(len(rows))
+        ax.stairs(mean + se, edges, baseline=mean - se, fill=True, color=color, alpha=0.25, lw=0)
+    ax.stairs(mean, edges, color=color, lw=1.5, label=label)
 
 
 # ---------------------------------------------------------------------------

@@ -1,6 +1,6 @@
-# metasae: per-seed
 # ---
 # jupyter:
+#   metasae: per-seed
 #   jupytext:
 #     text_representation:
 #       extension: .py
@@ -32,7 +32,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from metasae import pipeline
-from metasae.report import save_figure, save_table
+from metasae.report import format_tokens_axis, save_figure, save_table
 
 ctx = pipeline.open_run(profile, out_dir, figures_dir)
 cache = pipeline.ensure_activations(ctx)
@@ -61,12 +61,14 @@ for name, g in show.groupby("run"):
         axes[2].plot(g.tokens, g.penalty, label=name, **style)
     if g.meta_mse.notna().any():
         axes[3].plot(g.tokens, g.meta_mse, **style)
-for ax, t in zip(axes, ["primary MSE (standardised)", "dead latents", "mean penalty  mean_i p_i", "meta-SAE MSE"]):
+for ax, t in zip(axes, ["primary MSE (standardised)", "dead latents (symlog)", "mean penalty  mean_i p_i",
+                        "meta-SAE MSE"]):
     ax.set_title(t)
-    ax.set_xlabel("training tokens")
+    format_tokens_axis(ax)
 axes[0].set_yscale("log")
+axes[1].set_yscale("symlog", linthresh=10)  # the first steps' hundreds and the tens left later, on one axis
 axes[0].legend(fontsize=6, ncol=2)
-fig.suptitle(f"Convergence curves, {ctx.name}, seed {seed}")
+fig.suptitle(f"Convergence curves, {ctx.name}, seed {seed} ({int(hist.tokens.max()):,} training tokens)")
 fig.tight_layout()
 save_figure(fig, f"training_curves_seed{seed}", ctx.figures,
             caption=f"Training curves vs tokens (seed {seed}): MSE, dead latents, decomposability penalty, meta MSE")

@@ -1,6 +1,6 @@
-# metasae: per-seed
 # ---
 # jupyter:
+#   metasae: per-seed
 #   jupytext:
 #     text_representation:
 #       extension: .py
@@ -34,7 +34,7 @@ import pandas as pd
 
 from metasae import pipeline
 from metasae.metrics.cooccurrence import welch_from_summaries
-from metasae.report import save_figure, save_table
+from metasae.report import plot_phi_density, plot_phi_density_diff, save_figure, save_table
 
 ctx = pipeline.open_run(profile, out_dir, figures_dir)
 ev = pipeline.evaluate_seed(ctx, seed)
@@ -75,19 +75,22 @@ save_table([welch], f"welch_pairs_seed{seed}", ctx.out,
 welch
 
 # %% [markdown]
-# ## Figure 1a: density of φ, joint minus solo (selected configuration)
+# ## Figure 1a: density of |φ|, joint and solo, and their difference (selected configuration)
+# On a log |φ| axis with four bins per decade: the pairs span four decades of |φ|, and
+# the penalty's effect is a shift of mass between them, which linear bins crowd into
+# one spike at 0. Notebook 06 draws the same figure over seeds with a band.
 
 # %%
-fig, ax = plt.subplots(figsize=(6, 3.6))
-h_j, h_s = s_sel.hist_signed_fine, s_solo.hist_signed_fine
-centres = h_j.spec.centres
-ax.plot(centres, h_j.density() - h_s.density(), lw=1)
-ax.axhline(0, color="k", lw=0.5)
-ax.set_xlabel("φ (signed)")
-ax.set_ylabel("density(joint) − density(solo)")
-ax.set_title(f"Figure 1a: φ density difference, {selected} vs solo (seed {seed})")
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+phi_by_run = {"solo": [s_solo], selected: [s_sel]}
+plot_phi_density(axes[0], phi_by_run)
+plot_phi_density_diff(axes[1], phi_by_run, selected)
+fig.suptitle(f"Figure 1a (seed {seed}): |φ| over pairs of alive latents, {selected} vs solo, "
+             f"on {s_solo.n_tokens:,} tokens")
+fig.tight_layout()
 save_figure(fig, f"fig1a_phi_density_diff_seed{seed}", ctx.figures,
-            caption=f"Figure 1a (seed {seed}): density of pairwise phi, joint ({selected}) minus solo")
+            caption=f"Figure 1a (seed {seed}): density of pairwise |phi| per decade (log |phi| axis) for the solo and "
+                    f"the joint ({selected}) SAE, and joint minus solo; n pairs in the legend")
 
 # %% [markdown]
 # ## Figure 1b: Δ|φ| vs ΔL2 over the grid
@@ -118,7 +121,7 @@ if full:
     ax.set_xlabel("Δ L2 (%) vs solo")
     ax.set_ylabel("Δ mean |φ| (%) vs solo")
     ax.legend(fontsize=7)
-    ax.set_title(f"Figure 1b (seed {seed})")
+    ax.set_title(f"Figure 1b (seed {seed}): φ on {s_solo.n_tokens:,} tokens")
     save_figure(fig, f"fig1b_phi_vs_l2_seed{seed}", ctx.figures,
                 caption=f"Figure 1b (seed {seed}): Delta mean|phi| vs Delta L2 over the grid, coloured by sigma2")
 

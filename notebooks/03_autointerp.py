@@ -1,6 +1,6 @@
-# metasae: per-seed
 # ---
 # jupyter:
+#   metasae: per-seed
 #   jupytext:
 #     text_representation:
 #       extension: .py
@@ -40,11 +40,10 @@ figures_dir = ""
 
 # %%
 import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
 
 from metasae import pipeline
-from metasae.report import save_figure, save_table
+from metasae.report import MIN_DENSITY_PAIRS, plot_score_density_diff, save_figure, save_table
 
 ctx = pipeline.open_run(profile, out_dir, figures_dir)
 cfg = ctx.profile.autointerp
@@ -81,25 +80,23 @@ if run_it:
 
 # %% [markdown]
 # ## Figure 2: density of scores, joint minus solo
+# One panel per score (the AUC beside each binary scorer), over the pairs scored on
+# both sides. With fewer than `MIN_DENSITY_PAIRS` such pairs a density would be noise:
+# the panel then shows each pair's two scores and says "not enough data".
 
 # %%
-if run_it and not len(per_pair):
-    print("no matched pair has enough firings on the autointerp split for every context set: no Figure 2")
-if run_it and len(per_pair):
-    fig, axes = plt.subplots(1, len(cfg.scorers), figsize=(4.5 * len(cfg.scorers), 3.4), squeeze=False)
-    for ax, s in zip(axes[0], cfg.scorers):
-        j = per_pair[f"joint_{s}"].dropna().astype(float)
-        so = per_pair[f"solo_{s}"].dropna().astype(float)
-        lo, hi = (-1, 1) if s == "simulation" else (0, 1)
-        bins = np.linspace(lo, hi, 11)
-        hj, _ = np.histogram(j, bins=bins, density=True)
-        hs, _ = np.histogram(so, bins=bins, density=True)
-        ax.bar((bins[:-1] + bins[1:]) / 2, hj - hs, width=(hi - lo) / 10 * 0.9)
-        ax.axhline(0, color="k", lw=0.5)
-        ax.set_title(f"{s}: n={len(j)} joint, {len(so)} solo")
-        ax.set_xlabel("score")
-    axes[0][0].set_ylabel("density(joint) − density(solo)")
-    fig.suptitle(f"Figure 2 (seed {seed}): autointerp score density, joint minus solo")
+if run_it:
+    scores = []
+    for s in cfg.scorers:
+        scores += [s] + ([f"{s}_auc"] if f"joint_{s}_auc" in per_pair else [])
+    fig, axes = plt.subplots(1, len(scores), figsize=(3.6 * len(scores), 3.4), squeeze=False)
+    n_by_score = {s: plot_score_density_diff(ax, per_pair.get(f"joint_{s}", ()), per_pair.get(f"solo_{s}", ()),
+                                             title=s, score_range=(-1, 1) if s == "simulation" else (0, 1))
+                  for ax, s in zip(axes[0], scores)}
+    fig.suptitle(f"Figure 2 (seed {seed}): autointerp scores, {res['joint']} vs solo over matched pairs "
+                 f"(judge {cfg.model})")
     fig.tight_layout()
     save_figure(fig, f"fig2_autointerp_density_seed{seed}", ctx.figures,
-                caption=f"Figure 2 (seed {seed}): density of autointerp scores, joint minus solo, per scorer")
+                caption=f"Figure 2 (seed {seed}): density of autointerp scores, joint and solo, and joint minus solo, "
+                        f"per score; n = pairs scored on both sides (pairs one by one below {MIN_DENSITY_PAIRS})")
+    print("pairs scored on both sides:", n_by_score)

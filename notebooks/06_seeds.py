@@ -35,7 +35,7 @@ import pandas as pd
 
 from metasae import paths, pipeline
 from metasae.aggregate import aggregate_rows, matched_reconstruction, paired_by_seed
-from metasae.report import save_figure, save_table
+from metasae.report import format_tokens_axis, plot_phi_density, plot_phi_density_diff, save_figure, save_table
 
 ctx = pipeline.open_run(profile, out_dir, figures_dir, seeds)
 seed_list = ctx.profile.seeds
@@ -142,7 +142,25 @@ if len(snap):
     display(along)
 
 # %% [markdown]
+# ## Figure 1a over seeds: density of |φ|, solo and the replicated joint, and their difference
+# Mean over seeds with a ± SE band; the difference is taken seed by seed.
+
+# %%
+phi_by_run = {run: [pipeline.load_phi_summary(ctx, s, run) for s in seed_list] for run in ("solo", selected)}
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+plot_phi_density(axes[0], phi_by_run)
+plot_phi_density_diff(axes[1], phi_by_run, selected)
+fig.suptitle(f"Figure 1a over seeds {seed_list}: |φ| over pairs of alive latents, {selected} vs solo, "
+             f"on {phi_by_run['solo'][0].n_tokens:,} tokens per seed")
+fig.tight_layout()
+save_figure(fig, "fig1a_phi_density_seeds", ctx.figures,
+            caption=f"Figure 1a over seeds {seed_list}: density of pairwise |phi| per decade (log |phi| axis), solo and "
+                    f"{selected}, and joint minus solo paired by seed; mean ± SE band over n = {len(seed_list)} seeds")
+
+# %% [markdown]
 # ## Figure: Δ|φ| and ΔL2 per configuration with seed error bars (Figure 1b over seeds)
+# The grid and the baselines may be trained on fewer seeds than the replicated
+# configuration (`grid.full_seeds` in the profile); a point from fewer seeds carries its n.
 
 # %%
 g = agg[agg.role.isin(["grid", "control", "meta_size", "ortho", "independent_solo"])]
@@ -153,17 +171,18 @@ for role, gg in g.groupby("role"):
                 xerr=gg.delta_l2_pct_se.fillna(0), yerr=gg.delta_abs_phi_pct_se.fillna(0),
                 fmt=markers.get(role, "o"), label=role, capsize=2, ms=5)
     for r in gg.itertuples():
-        ax.annotate(r.run.replace("joint_", ""), (r.delta_l2_pct_mean, r.delta_abs_phi_pct_mean), fontsize=6,
-                    xytext=(3, 2), textcoords="offset points")
+        n_note = "" if r.n_seeds == len(seed_list) else f" (n = {r.n_seeds})"
+        ax.annotate(r.run.replace("joint_", "") + n_note, (r.delta_l2_pct_mean, r.delta_abs_phi_pct_mean),
+                    fontsize=6, xytext=(3, 2), textcoords="offset points")
 ax.axhline(0, color="k", lw=0.5)
 ax.axvline(0, color="k", lw=0.5)
 ax.set_xlabel("Δ L2 (%) vs solo, mean ± SE")
 ax.set_ylabel("Δ mean |φ| (%) vs solo, mean ± SE")
-ax.set_title(f"All SAEs over seeds (n = {len(seed_list)})")
+ax.set_title(f"All SAEs over seeds (n = {len(seed_list)} seeds unless marked)")
 ax.legend(fontsize=7)
 save_figure(fig, "fig1b_seeds_all_saes", ctx.figures,
             caption=f"Delta mean|phi| vs Delta L2 with seed error bars: grid, lambda2=0 control, meta-size ablation, "
-                    f"orthogonality baseline, independent solo (n = {len(seed_list)} seeds)")
+                    f"orthogonality baseline, independent solo (n = {len(seed_list)} seeds unless marked)")
 
 # %% [markdown]
 # ## Baselines and ablations
@@ -212,10 +231,10 @@ for nm, gg in hist.groupby("run"):
     if st.pen.notna().any():
         axes[1].plot(st.index, st.pen, label=nm)
 axes[0].set_yscale("log")
-axes[0].set_title("MSE vs training tokens (mean ± SE over seeds)")
-axes[1].set_title("mean penalty vs training tokens")
+axes[0].set_title(f"MSE vs training tokens (mean ± SE, n = {len(seed_list)} seeds)")
+axes[1].set_title(f"mean penalty vs training tokens (mean, n = {len(seed_list)} seeds)")
 for ax in axes:
-    ax.set_xlabel("training tokens")
+    format_tokens_axis(ax)
     ax.legend(fontsize=7)
 fig.tight_layout()
 save_figure(fig, "convergence_seeds", ctx.figures,
