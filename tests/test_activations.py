@@ -139,6 +139,32 @@ def test_folder_corpus(tmp_path):
     assert ensure_corpus(str(tmp_path)) == tmp_path.resolve()
 
 
+def test_diatheke_headings_do_not_leak_into_verses():
+    """engWEB2015eb over a long range prints the last psalm title before every later indented verse."""
+    from metasae.activations.corpus import _parse_diatheke
+
+    title3, leak = "A Psalm by David, when he fled from Absalom his son.", "A praise psalm by David."
+    lines = [
+        "Psalms 2:12: Give sincere homage to the Son. ", "",
+        title3, "  Psalms 3:1: Yahweh, how my adversaries have increased!", "Many are those who rise up against me. ",
+        "", title3, "  Psalms 3:2: Many there are who say of my soul,", "God will not help him. ",
+        "", leak, "  Psalms 145:1: I will exalt you, my God, the King.",
+        "", leak, "  Psalms 146:1: Praise Yah!",
+        "Psalms 136:1: Give thanks to Yahweh, for he is good,", "for his loving kindness endures forever. ",
+        leak, "  Romans 7:1: Or don't you know, brothers?",
+        leak, "  Romans 7:2: For the woman that has a husband is bound by law.",
+        "(engWEB2015eb)",
+    ]
+    docs = dict(_parse_diatheke([ln + "\n" for ln in lines], "engWEB2015eb"))
+    assert docs["Psalms 2"] == ["Give sincere homage to the Son. "]
+    assert docs["Psalms 3"][0] == f"{title3}\nYahweh, how my adversaries have increased!\nMany are those who rise up against me. "
+    assert docs["Psalms 3"][1] == "Many there are who say of my soul,\nGod will not help him. "
+    assert docs["Psalms 145"] == [f"{leak}\nI will exalt you, my God, the King."]  # its own title, once
+    assert docs["Psalms 146"] == ["Praise Yah!"]  # the repeated title is the leak
+    assert docs["Psalms 136"] == ["Give thanks to Yahweh, for he is good,\nfor his loving kindness endures forever. "]
+    assert docs["Romans 7"] == ["Or don't you know, brothers?", "For the woman that has a husband is bound by law."]
+
+
 def test_commentary_parser_dedups_and_attributes_chapters():
     from metasae.activations.corpus import _commentary_chapters, _parse_diatheke
 

@@ -4,7 +4,10 @@ The README's bash blocks are read from README.md itself, so a command edited the
 tested as edited.  ``bash run_all.sh ...`` lines are validated as run_all.sh validates
 them before any work (``python -m metasae.harness --check`` with the same arguments);
 ``bash run_tests.sh`` lines are this suite.  Every other block is run as written, in a
-copy of the working tree (the environment and data folders linked in), by the slow test.
+copy of the working tree (the environment and data folders linked in), by the slow test;
+those blocks assume what their README text says was done before (``.venv`` set up, the
+corpus built), and must not run ``run_all.sh``: its setup would re-point the shared
+environment's editable install at the copy.
 """
 
 from __future__ import annotations
@@ -87,6 +90,14 @@ def test_other_readme_blocks_run_as_written(tmp_path: Path) -> None:
     runnable = [b for b in BLOCKS if not all(c.startswith(("bash run_all.sh", "bash run_tests.sh"))
                                              for c in commands(b))]
     assert runnable, "the README shows no command beyond run_all.sh / run_tests.sh"
+    assert not any(c.startswith("bash run_all.sh") for b in runnable for c in commands(b)), \
+        "a README block mixes run_all.sh with other commands; keep run_all.sh lines in their own block"
+    # what the README says was done before: the environment (this one) and the smoke corpus
+    from metasae.config import load_profile
+
+    corpus = load_profile("smoke").data.corpus
+    subprocess.run([sys.executable, "-m", "metasae.activations.corpus", "--ensure", corpus], cwd=ROOT, env=_env(),
+                   check=True, capture_output=True, timeout=1800)
     tree = tmp_path / "tree"
     tree.mkdir()
     _tree_copy(tree)

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from metasae.activations.corpus import (
-    SHUFFLE_SEED, load_documents, rows_for_tokens, split_row_ranges, tokenize_rows, valid_mask)
+    CORPUS_VERSION, SHUFFLE_SEED, load_documents, rows_for_tokens, split_row_ranges, tokenize_rows, valid_mask)
 from metasae.io import IntegrityError, atomic_path, atomic_write_json, read_json, sha256_file, verify_file
 
 SPLITS = ("train", "calib", "phi", "autointerp")
@@ -67,6 +67,7 @@ def build_cache(profile: Any, out_dir: Path, progress: bool = True, documents: S
         "model": mcfg.name, "hub_id": mcfg.hub_id, "layer": mcfg.layer, "model_dtype": mcfg.dtype,
         "cache_dtype": dcfg.cache_dtype, "ctx_len": dcfg.ctx_len,
         "corpus": "<documents given>" if documents is not None else dcfg.corpus,
+        "corpus_builder": CORPUS_VERSION,
         "corpus_shuffle_seed": SHUFFLE_SEED,
         "split_tokens": {s: getattr(dcfg, f"{s}_tokens") for s in SPLITS},
         "shard_tokens": dcfg.shard_tokens,

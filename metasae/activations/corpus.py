@@ -56,6 +56,11 @@ def corpus_dir(name: str = OFFLINE) -> Path:
     return data_root() / "corpus" / name
 
 
+CORPUS_VERSION = 2
+"""Version of the offline corpus builder, in its manifest and in the activation cache's key.
+2: psalm headings no longer leak into verses (see :func:`_parse_diatheke`)."""
+
+
 def ensure_corpus(name: str) -> Path:
     """Return the folder of the named corpus, building ``debian-offline`` if absent.
 
@@ -77,7 +82,11 @@ def ensure_corpus(name: str) -> Path:
         return folder.resolve()
     folder = corpus_dir(OFFLINE)
     if (folder / "manifest.json").is_file():
-        return folder
+        version = read_json(folder / "manifest.json").get("version", 1)
+        if version == CORPUS_VERSION:
+            return folder
+        print(f"[metasae] the offline corpus in {folder} was built by builder version {version} "
+              f"(now {CORPUS_VERSION}); rebuilding it", file=sys.stderr, flush=True)
     build_debian_offline(folder)
     return folder
 
@@ -283,20 +292,38 @@ def _parse_diatheke(lines: Iterable[str], module: str) -> Iterator[tuple[str, li
     Each verse starts a line "Book C:V: text" (indented for poetry); the lines
     that follow without such a prefix continue that verse.  The output ends
     with "(module)".
+
+    Headings: an indented verse line is preceded by one heading line.  Over a long
+    range, engWEB2015eb keeps printing the last psalm title it met before every
+    later indented verse ("A praise psalm by David." before each verse from Psalm
+    145 on, then Psalm 151's title before every verse of the New Testament).  A
+    heading is therefore never taken as verse text; it is kept only as a psalm's
+    own title, before verse 1 of a Psalms chapter, when it differs from the title
+    kept last (a title that merely repeats is the leak).
     """
     key, verses = None, []
-    for line in lines:
-        line = _TAG.sub("", _LEAKED_TITLE.sub("", line.rstrip("\n")))  # OSIS markup leaking into plain output
+    heading, kept_title = None, None  # the line before the next verse line, the last psalm title kept
+    for raw in lines:
+        line = _TAG.sub("", _LEAKED_TITLE.sub("", raw.rstrip("\n")))  # OSIS markup leaking into plain output
         m = _VERSE.match(line.lstrip())
         if m:
+            title = None
+            if line[:1].isspace() and heading is not None and verses and verses[-1].endswith("\n" + heading):
+                verses[-1] = verses[-1][:-len(heading) - 1]  # the heading is not the previous verse's text
+                title = heading
             ch = f"{m.group(1)} {m.group(2)}"
             if ch != key:
                 if key is not None:
                     yield key, verses
                 key, verses = ch, []
-            verses.append(m.group(4))
+            text = m.group(4)
+            if title is not None and m.group(1) == "Psalms" and m.group(3) == "1" and title != kept_title:
+                text, kept_title = f"{title}\n{text}", title
+            verses.append(text)
+            heading = None
         elif line.strip() and line.strip() != f"({module})" and verses:
             verses[-1] += "\n" + line
+            heading = line
     if key is not None:
         yield key, verses
 
@@ -441,6 +468,7 @@ def build_debian_offline(folder: Path) -> Path:
             sources[source] = {"documents": n_docs, "chars": n_chars}
         atomic_write_json(tmp / "manifest.json", {
             "name": OFFLINE,
+            "version": CORPUS_VERSION,
             "packages": list(DEBIAN_PACKAGES),
             "sources": sources,
             "documents": sum(s["documents"] for s in sources.values()),
@@ -450,7 +478,7 @@ def build_debian_offline(folder: Path) -> Path:
         })
         os.chmod(tmp, 0o755)
         if folder.exists():
-            shutil.rmtree(folder)  # an incomplete earlier build (no manifest)
+            shutil.rmtree(folder)  # an incomplete earlier build (no manifest), or an older builder's
         os.rename(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
