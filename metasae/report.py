@@ -443,3 +443,15 @@ def _to_markdown(cols: list[str], rows: list[list[Any]], caption: str, digits: i
     for r in rows:
         lines.append("| " + " | ".join(_md_cell(v, digits) for v in r) + " |")
     return "\n".join(lines) + "\n"
+
+
+def format_small_axis(axis: Any, max_ticks: int = 5) -> None:
+    """Few ticks (at most ``max_ticks`` intervals) on an axis whose values are small differences
+    (e.g. Δ mean |phi| of order 1e-4): short labels such as −4, −2, 0, 2 with the scale in one ×10⁻⁴ offset
+    label, instead of raw decimals (-0.0005-0.0004...) that run together."""
+    from matplotlib.ticker import MaxNLocator, ScalarFormatter
+
+    fmt = ScalarFormatter(useMathText=True)
+    fmt.set_powerlimits((-2, 2))
+    axis.set_major_formatter(fmt)
+    axis.set_major_locator(MaxNLocator(max_ticks))

@@ -115,14 +115,25 @@ pd.DataFrame(case_rows)
 cc_ind = pipeline.cross_counts(ctx, seed, "solo", "solo_indep1")
 t_joint = topk_cross_phi(cc, 2).top2
 t_ind = topk_cross_phi(cc_ind, 2).top2
+from metasae.report import not_enough_data
+
 low = rates["solo"] <= 0.05
 fig, ax = plt.subplots(figsize=(6, 3.6))
 bins = np.linspace(0, 1, 41)
-ax.hist(t_joint[low & np.isfinite(t_joint)], bins=bins, alpha=0.6, density=True, label=f"solo → {selected}")
-ax.hist(t_ind[low & np.isfinite(t_ind)], bins=bins, alpha=0.6, density=True, label="solo → independent solo")
+v_joint, v_ind = t_joint[low & np.isfinite(t_joint)], t_ind[low & np.isfinite(t_ind)]
+n_joint, n_ind = len(v_joint), len(v_ind)
+MIN_HIST_LATENTS = 5  # fewer than a handful of latents: no density, only the note
+if min(n_joint, n_ind) >= MIN_HIST_LATENTS:
+    ax.hist(v_joint, bins=bins, alpha=0.6, density=True, label=f"solo → {selected}: n = {n_joint}")
+    ax.hist(v_ind, bins=bins, alpha=0.6, density=True, label=f"solo → independent solo: n = {n_ind}")
+    ax.legend(fontsize=8)
+else:
+    ax.set_xlim(0, 1)
+    not_enough_data(ax, min(n_joint, n_ind), MIN_HIST_LATENTS, "solo latents")
+ax.set_title(f"n = {n_joint} (→ {selected}) and n = {n_ind} (→ independent solo) solo latents, "
+             f"seed {seed}", fontsize=9)
 ax.set_xlabel("2nd-highest cross-φ of a solo latent (rate ≤ 5%)")
 ax.set_ylabel("density")
-ax.legend(fontsize=8)
 save_figure(fig, f"splitting_top2_crossphi_seed{seed}", ctx.figures,
             caption=f"2nd-highest cross-phi of solo latents: to the joint SAE vs to an independent solo (seed noise)")
 summary = {"selected": selected, "median_top2_joint": float(np.nanmedian(t_joint[low])),

@@ -32,7 +32,7 @@ import numpy as np
 
 from metasae import pipeline
 from metasae.metrics.thresholds import load_eer_thresholds
-from metasae.report import save_figure, save_table
+from metasae.report import plot_phi_density, save_figure, save_table
 
 ctx = pipeline.open_run(profile, out_dir, figures_dir, seeds)
 seed = ctx.profile.seeds[0]
@@ -43,16 +43,16 @@ names = ["solo", selected] + (["joint_l0"] if "joint_l0" in ev else [])
 # %%
 fig, axes = plt.subplots(1, 3, figsize=(15, 3.6))
 rows = []
+phi_by_run = {}
 for nm in names:
     thr = load_eer_thresholds(pipeline.metrics_dir(ctx, seed) / nm / "thresholds.safetensors")
     th = thr.thresholds_F[np.isfinite(thr.thresholds_F)]
-    axes[0].hist(th, bins=50, alpha=0.5, label=nm)
+    axes[0].hist(th, bins=50, alpha=0.5, label=f"{nm}: n = {th.size} latents")
     rates = pipeline.load_firing_rates(ctx, seed, nm)
     alive = rates[rates > 0]
-    axes[1].hist(np.log10(alive), bins=50, alpha=0.5, label=nm)
+    axes[1].hist(np.log10(alive), bins=50, alpha=0.5, label=f"{nm}: n = {alive.size} alive latents")
     s = pipeline.load_phi_summary(ctx, seed, nm)
-    h = s.hist_abs_full
-    axes[2].plot(h.spec.centres, np.maximum(h.density(), 1e-12), label=nm, lw=1)
+    phi_by_run[nm] = [s]
     rows.append({"run": nm, **thr.counts_by_fallback(), "eer_range": ev[nm]["eer_max_value"],
                  "median_threshold": float(np.median(th)) if th.size else float("nan"),
                  "alive": int((rates > 0).sum()), "median_log10_rate": float(np.median(np.log10(alive))),
@@ -61,12 +61,14 @@ for nm in names:
                  "q99_abs_phi": s.hist_abs_full.quantile(0.99), "frac_negative_phi": s.frac_negative,
                  "mean_norm_x": ev[nm]["mean_norm_x"], "mean_norm_x_hat": ev[nm]["mean_norm_x_hat"],
                  "mse_standardised": ev[nm]["mse"], "explained_variance": ev[nm]["explained_variance"]})
-axes[0].set_title("EER thresholds (finite)")
-axes[1].set_title("log10 firing rate (alive latents)")
-axes[2].set_title("|φ| density over all pairs")
-axes[2].set_yscale("log")
-axes[2].set_xlim(0, 0.5)
-for ax in axes:
+plot_phi_density(axes[2], phi_by_run)  # log |phi|, four bins per decade; legend states n pairs
+axes[0].set_title(f"EER thresholds (finite), seed {seed}")
+axes[0].set_xlabel("threshold")
+axes[1].set_title(f"log10 firing rate (alive latents), seed {seed}")
+axes[1].set_xlabel("log10 firing rate")
+axes[2].set_title(f"|φ| density over all pairs, seed {seed}")
+for ax in axes[:2]:
+    ax.set_ylabel("latents")
     ax.legend(fontsize=7)
 fig.tight_layout()
 save_figure(fig, "appendix_thresholds_rates_phi", ctx.figures,

@@ -131,15 +131,31 @@ for s, r in results["seeds"].items():
                          "d_mcc": run["mcc"] - r["runs"]["solo"]["mcc"],
                          "d_mixing": run["mixing_frac"] - r["runs"]["solo"]["mixing_frac"]})
 pts = pd.DataFrame(rows)
+from metasae.report import format_small_axis, not_enough_data
+
+n_pts = len(pts)
+n_cells = int(pts.run.nunique()) if n_pts else 0
+n_seeds = int(pts.seed.nunique()) if n_pts else 0
 fig, ax = plt.subplots(figsize=(5, 4))
-for lam, g in pts.groupby("lambda2"):
+for lam, g in pts.groupby("lambda2") if n_pts else []:
     ax.scatter(g.d_phi, g.d_mcc, label=f"λ₂ = {lam:g}", s=30)
 ax.axhline(0, color="k", lw=0.5)
 ax.axvline(0, color="k", lw=0.5)
+format_small_axis(ax.xaxis)  # few ticks, scale in one ×10⁻⁴ offset label instead of long raw decimals
+format_small_axis(ax.yaxis)
 ax.set_xlabel("Δ mean |φ| (joint − solo)")
 ax.set_ylabel("Δ MCC (joint − solo)")
-ax.set_title(f"one point per cell and seed (n = {len(results['seeds'])} seeds)", fontsize=9)
-ax.legend(fontsize=8)
+ax.set_title(f"one point per cell and seed: n = {n_pts} points\n"
+             f"({n_cells} penalised cell{'s' if n_cells != 1 else ''} × {n_seeds} seed{'s' if n_seeds != 1 else ''})",
+             fontsize=9)
+if n_pts == 0:
+    not_enough_data(ax, 0, 1, "points")
+elif n_pts == 1:
+    ax.text(0.5, 0.9, "single point (n = 1): no trend can be read", transform=ax.transAxes, ha="center",
+            va="center", fontsize=9, color="firebrick",
+            bbox=dict(boxstyle="round", facecolor="white", edgecolor="firebrick"))
+if n_pts:
+    ax.legend(fontsize=8, loc="lower right")
 fig.tight_layout()
 save_figure(fig, "synthetic_phi_vs_mcc", figures_dir,
             caption="Change in mean |phi| against change in MCC, joint minus solo, one point per penalised "

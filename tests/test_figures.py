@@ -16,8 +16,8 @@ from matplotlib.patches import Rectangle, StepPatch  # noqa: E402
 
 from metasae.metrics.cooccurrence import CoFiringCounts, firing_from_dense, phi_summary  # noqa: E402
 from metasae.report import (MIN_DENSITY_PAIRS, PHI_LOG_EDGES, abs_phi_cdf, abs_phi_log_density,  # noqa: E402
-                            count_label, format_tokens_axis, not_enough_data, plot_phi_density,
-                            plot_phi_density_diff, plot_score_density_diff)
+                            count_label, format_small_axis, format_tokens_axis, not_enough_data,
+                            plot_phi_density, plot_phi_density_diff, plot_score_density_diff)
 
 
 @pytest.fixture(autouse=True)
@@ -206,3 +206,21 @@ def test_count_label() -> None:
     assert [count_label(x) for x in (0, 500, 25_000, 1_500_000, 2e9, 102_500)] == \
         ["0", "500", "25k", "1.5M", "2B", "102.5k"]
     assert count_label(2_650_753, 3) == "2.65M"
+
+
+def test_small_axis_ticks_are_few_and_do_not_run_together() -> None:
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.scatter([-5.4e-4, -3.2e-4, -2e-4, 0, 1e-4, 2.7e-4], [-0.08, -0.08, -0.06, -0.02, -0.006, -0.03])
+    format_small_axis(ax.xaxis)
+    fig.tight_layout()
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    lo, hi = ax.get_xlim()
+    labels = [t for t in ax.get_xticklabels() if lo <= t.get_position()[0] <= hi]
+    assert 2 <= len(labels) <= 6
+    texts = [t.get_text().replace("$\\mathdefault{", "").replace("}$", "") for t in labels]
+    assert all(len(s) <= 3 for s in texts), texts  # -4, -2, 0, 2: the scale is in the offset
+    boxes = sorted((t.get_window_extent(renderer) for t in labels), key=lambda b: b.x0)
+    assert min(r.x0 - l.x1 for l, r in zip(boxes, boxes[1:])) > 5
+    assert "10^{" in ax.xaxis.get_offset_text().get_text()  # the scale is stated once
+    plt.close(fig)
