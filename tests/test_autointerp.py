@@ -579,3 +579,42 @@ def test_roc_auc_and_log_odds():
     c = Completion("1", {"1": -0.1, " 1": -3.0, "0": -2.5})
     assert binary_log_odds(c) == pytest.approx(np.logaddexp(-0.1, -3.0) + 2.5)
     assert binary_log_odds(Completion("1", None)) is None and binary_log_odds("1") is None
+
+
+def test_highlight_positions_carry_no_label_information():
+    """Fuzz windows are grid chunks: where the highlight sits does not tell activating from not."""
+    from scipy import stats
+
+    from metasae.autointerp.contexts import grid_end
+    from metasae.autointerp.scorers import fuzz_highlights
+
+    rows_n, row_len, window = 600, 128, 32
+    rng = np.random.default_rng(0)
+    acts = np.zeros((rows_n, row_len, 1), np.float32)
+    fire_rows = rng.choice(rows_n, size=400, replace=False)  # one firing in 400 rows, none in 200
+    acts[fire_rows, rng.integers(window, row_len, size=400), 0] = rng.uniform(1.0, 10.0, size=400)
+    mask = np.ones((rows_n, row_len), bool)
+    mask[:, 0] = False
+    tokens = np.arange(rows_n * row_len, dtype=np.int64).reshape(rows_n, row_len)
+    thr = np.full(1, 0.5, np.float32)
+    acts_t = torch.from_numpy(acts)
+    firings = collect_firings(IdentitySAE(1), thr, acts_t, mask)
+    cfg = AutointerpConfig(window=window, n_explain_top=5, n_explain_per_lower=2, n_sim_per_quintile=2,
+                           n_fuzz_examples=150)
+    ctx = build_latent_contexts(0, firings, tokens, cfg, np.random.default_rng(1), sae=IdentitySAE(1), acts_RTD=acts_t,
+                                thresholds_F=thr, mask_RT=mask, token_strings=TokenStrings(table={}))
+    assert ctx.ok, ctx.skip_reason
+    for ex in ctx.activating + ctx.non_activating:
+        assert ex.end == grid_end(ex.end, window, row_len) and len(ex.tokens) == window
+    items = fuzz_highlights(ctx, np.random.default_rng(2))
+    pos1 = [p for _, pos, label in items if label == 1 for p in pos]
+    pos0 = [p for _, pos, label in items if label == 0 for p in pos]
+    assert len(pos1) >= 150 and len(pos0) >= 150
+    # the highlighted firing is anywhere in its window, not at the end
+    assert np.mean(np.array(pos1) == window - 1) < 0.1
+    assert stats.ks_2samp(pos1, pos0).pvalue > 0.01
+    # a judge that reads only "is the last token highlighted" is at chance
+    last = [int(window - 1 in pos) for _, pos, _ in items]
+    labels = [label for _, _, label in items]
+    acc = np.mean([pred == label for pred, label in zip(last, labels)])
+    assert abs(acc - 0.5) < 0.1

@@ -162,12 +162,13 @@ class Example:
 
     row: int
     end: int
-    """Position of the window's last token (the firing token for activating examples)."""
+    """Position of the window's last token: the firing token for explanation and simulation
+    examples; for fuzz/detection examples the end of the grid chunk that holds it."""
     tokens: list[str]
     acts: np.ndarray
     """The latent's activation per window token (pre-act where it fires, else 0)."""
     activation: float
-    """Activation at the final token (0 for non-activating examples)."""
+    """Activation of the sampled firing (0 for non-activating examples)."""
     quintile: int = -1
     """0 = top quintile ... 4 = bottom; -1 for non-activating examples."""
     strength: int = 0
@@ -272,6 +273,14 @@ def requirement(cfg: Any) -> list[int]:
             for q in range(N_QUINTILES)]
 
 
+def grid_end(t: int, window: int, row_len: int) -> int:
+    """Last position of the grid chunk of ``window`` tokens that holds position ``t`` of a row
+    (chunks start at multiples of ``window``; a row's tail shorter than a window is covered by
+    the chunk that ends at the row's end)."""
+    start = min((t // window) * window, row_len - window)
+    return start + window - 1
+
+
 def build_latent_contexts(latent: int, firings: Firings, tokens_RT: Any, cfg: Any, rng: np.random.Generator, *,
                           sae: Any, acts_RTD: Any, thresholds_F: Any, mask_RT: Any = None,
                           token_strings: TokenStrings | None = None, max_tries: int = 200) -> LatentContexts:
@@ -284,6 +293,9 @@ def build_latent_contexts(latent: int, firings: Firings, tokens_RT: Any, cfg: An
     * simulation: ``n_sim_per_quintile`` per quintile, disjoint from the explanation set, shuffled;
     * fuzz/detection: ``n_fuzz_examples`` activating (spread over quintiles, disjoint from both)
       with per-token activations, and as many random windows where the latent never fires.
+      Both are chunks of one fixed grid of ``window`` tokens per row (as delphi's), so the
+      firing token sits wherever it falls in its chunk: a window that always ended at the
+      firing token would tell a judge the label by the position of the highlight alone.
     """
     W = int(cfg.window)
     rows, pos, vals = firings.of(latent)
@@ -335,9 +347,10 @@ def build_latent_contexts(latent: int, firings: Firings, tokens_RT: Any, cfg: An
     non: list[tuple[int, int]] = []
     seen: set[tuple[int, int]] = set()
     tries = 0
+    n_chunks = -(-T // W)
     while len(non) < cfg.n_fuzz_examples and tries < max_tries * max(1, cfg.n_fuzz_examples):
         tries += 1
-        r, e = int(rng.integers(R)), int(rng.integers(W - 1, T))
+        r, e = int(rng.integers(R)), grid_end(int(rng.integers(n_chunks)) * W, W, T)
         if (r, e) in seen or not mask[r, e]:
             continue
         p = by_row.get(r)
@@ -349,9 +362,15 @@ def build_latent_contexts(latent: int, firings: Firings, tokens_RT: Any, cfg: An
         out.skip_reason = f"found only {len(non)} of {cfg.n_fuzz_examples} non-activating windows"
         return out
 
-    act_windows = [(int(rows[i]), int(pos[i])) for i, _ in sel_fuzz]
+    act_windows = [(int(rows[i]), grid_end(int(pos[i]), W, T)) for i, _ in sel_fuzz]
     wa = window_activations(sae, theta, latent, acts_RTD, mask, act_windows, W)
-    out.activating = [ex(i, q, wa[j]) for j, (i, q) in enumerate(sel_fuzz)]
+    out.activating = []
+    for j, (i, q) in enumerate(sel_fuzz):
+        r, e = act_windows[j]
+        a = float(vals[i])
+        out.activating.append(Example(row=r, end=e, tokens=strings(tokens[r, e - W + 1:e + 1]), acts=wa[j],
+                                      activation=a, quintile=q,
+                                      strength=int(round(10.0 * a / max_a)) if max_a > 0 else 0))
     out.non_activating = [Example(row=r, end=e, tokens=strings(tokens[r, e - W + 1:e + 1]),
                                   acts=np.zeros(W, np.float32), activation=0.0, quintile=-1, strength=0)
                           for r, e in non]
@@ -378,6 +397,6 @@ def example_text(ex: Example, mark_final: bool = False, newline: str = "\\n") ->
 
 
 __all__ = ["Firings", "Example", "LatentContexts", "TokenStrings", "collect_firings", "build_latent_contexts",
-           "build_all_contexts", "window_activations", "quintiles", "spread", "requirement", "example_text",
+           "build_all_contexts", "window_activations", "quintiles", "spread", "requirement", "example_text", "grid_end",
            "N_QUINTILES"]
 

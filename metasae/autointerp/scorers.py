@@ -255,24 +255,29 @@ def simulation_messages(explanation: str, examples: Sequence[Example]) -> list[d
 # ---------------------------------------------------------------------------
 
 
-def fuzz_items(ctx: LatentContexts, rng: np.random.Generator,
-               frac: float = HIGHLIGHT_FRAC) -> list[tuple[str, int]]:
-    """(highlighted text, label) pairs: activating examples (label 1), then non-activating (label 0).
-
-    Non-activating examples get n_incorrect = ceil(mean highlighted tokens per activating example)
-    distinct random positions highlighted."""
-    items: list[tuple[str, int]] = []
+def fuzz_highlights(ctx: LatentContexts, rng: np.random.Generator,
+                    frac: float = HIGHLIGHT_FRAC) -> list[tuple[list[str], list[int], int]]:
+    """(tokens, highlighted positions, label): activating examples (label 1, the positions where
+    the latent fires strongly), then non-activating ones (label 0) with n_incorrect =
+    ceil(mean highlighted tokens per activating example) distinct random positions."""
+    items: list[tuple[list[str], list[int], int]] = []
     counts = []
     for ex in ctx.activating:
         pos = highlight_positions(ex.acts, frac)
         counts.append(len(pos))
-        items.append((highlight(ex.tokens, pos), 1))
+        items.append((list(ex.tokens), pos, 1))
     n_incorrect = max(1, math.ceil(float(np.mean(counts)))) if counts else 1
     for ex in ctx.non_activating:
         k = min(n_incorrect, len(ex.tokens))
         pos = sorted(int(p) for p in rng.choice(len(ex.tokens), size=k, replace=False))
-        items.append((highlight(ex.tokens, pos), 0))
+        items.append((list(ex.tokens), pos, 0))
     return items
+
+
+def fuzz_items(ctx: LatentContexts, rng: np.random.Generator,
+               frac: float = HIGHLIGHT_FRAC) -> list[tuple[str, int]]:
+    """(highlighted text, label) pairs of :func:`fuzz_highlights`."""
+    return [(highlight(toks, pos), label) for toks, pos, label in fuzz_highlights(ctx, rng, frac)]
 
 
 def detection_items(ctx: LatentContexts) -> list[tuple[str, int]]:
