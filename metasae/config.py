@@ -180,9 +180,15 @@ class DataConfig:
     cache_dtype: Literal["float16", "bfloat16"] = "bfloat16"
     massive_norm_ratio: float = 0.0
     """Massive activations: tokens whose activation norm exceeds this multiple of the
-    training split's median norm are left out of SAE training and passed through
-    unchanged when an SAE is spliced into the model (CE is also reported with every
-    token spliced).  0 = no special treatment."""
+    training split's median norm (the calibration split's when the training split is
+    streamed) are left out of SAE training and passed through unchanged when an SAE is
+    spliced into the model (CE is also reported with every token spliced).  0 = no
+    special treatment."""
+    stream_splits: list[str] = field(default_factory=list)
+    """Splits harvested while training instead of cached on disk (``["train"]``; see
+    metasae.activations.stream): their token ids stay in the cache, their activations do not."""
+    buffer_tokens: int = 262144
+    """Tokens in the mixing buffer of a streamed split (half of it leaves, shuffled, per refill)."""
 
     def validate(self, where: str = "data") -> None:
         if not isinstance(self.corpus, str) or not self.corpus:
@@ -200,6 +206,10 @@ class DataConfig:
             raise ConfigError(f"{where}.massive_norm_ratio must be 0 (off) or above 1, not {self.massive_norm_ratio!r}")
         if self.cache_dtype not in ("float16", "bfloat16"):
             raise ConfigError(f"{where}.cache_dtype must be float16 or bfloat16, not {self.cache_dtype!r}")
+        if not isinstance(self.stream_splits, list) or any(x not in ("train",) for x in self.stream_splits):
+            raise ConfigError(f"{where}.stream_splits may only hold 'train' (the other splits are read more than "
+                              f"once and stay cached), not {self.stream_splits!r}")
+        _pos_int(self.buffer_tokens, f"{where}.buffer_tokens")
 
     @property
     def total_tokens(self) -> int:

@@ -130,11 +130,14 @@ def train_seed(ctx: RunContext, seed: int, progress: bool = True) -> dict[str, T
         cache = ensure_activations(ctx, progress=progress)
         B = p.train.batch_size
         cut = cache.massive_norm(p.data.massive_norm_ratio)
-        n_steps = cache.num_batches("train", B, p.train.epochs, exclude_above=cut)
+        if cache.streamed("train"):
+            batches, n_steps = _streamed_batches(ctx, cache, seed, cut)
+        else:
+            n_steps = cache.num_batches("train", B, p.train.epochs, exclude_above=cut)
 
-        def batches(start: int):
-            return cache.iter_batches("train", B, seed=seed, epochs=p.train.epochs, start_batch=start,
-                                      exclude_above=cut)
+            def batches(start: int):
+                return cache.iter_batches("train", B, seed=seed, epochs=p.train.epochs, start_batch=start,
+                                          exclude_above=cut)
 
         def calib():  # held-out tokens for the inference threshold (L0 = k on them)
             return cache.valid_acts("calib", B)
@@ -151,6 +154,26 @@ def train_seed(ctx: RunContext, seed: int, progress: bool = True) -> dict[str, T
 
 
 _TRAINED: dict[tuple[str, int], dict[str, TrainedRun]] = {}
+
+
+def _streamed_batches(ctx: RunContext, cache, seed: int, cut: float):
+    """(batches(start) -> iterator, n_steps) of a streamed training split (metasae.activations.stream):
+    the language model harvests while the SAEs train; the trainer only sees the batches."""
+    from metasae.activations.stream import planned_batches, stream_batches
+
+    p = ctx.profile
+    massive = float(np.mean(cache.token_norms("calib") > cut)) if math.isfinite(cut) else 0.0
+    n_steps = planned_batches(cache.n_valid("train"), p.train.epochs, p.train.batch_size, massive)
+    tokens, mask, lm = cache.tokens("train"), cache.mask("train"), loaded_model(ctx)
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[p.data.cache_dtype]
+
+    def batches(start: int):
+        return stream_batches(lm, p.model.layer, tokens, mask, batch_size=p.train.batch_size, seed=seed,
+                              n_batches=n_steps, buffer_tokens=p.data.buffer_tokens,
+                              harvest_rows=p.data.harvest_batch_rows, cache_dtype=dtype, exclude_above=cut,
+                              start_batch=start)
+
+    return batches, n_steps
 
 
 def snapshot_steps(ctx: RunContext, n_steps: int) -> tuple[int, ...]:

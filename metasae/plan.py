@@ -121,10 +121,13 @@ def sae_bytes(n: int, d: int) -> int:
 
 
 def cache_bytes(profile: Profile) -> tuple[int, int]:
-    """(tokens, bytes) of the activation cache: every split, values plus token id and mask."""
+    """(tokens harvested into it, bytes) of the activation cache: the values of every cached
+    split plus token id and mask of every split (a streamed split keeps only those)."""
     dc = profile.data
-    tokens = dc.train_tokens + dc.calib_tokens + dc.phi_tokens + dc.autointerp_tokens
-    return tokens, tokens * (profile.sae.d_in * DTYPE_BYTES[dc.cache_dtype] + 5)
+    sizes = {"train": dc.train_tokens, "calib": dc.calib_tokens, "phi": dc.phi_tokens,
+             "autointerp": dc.autointerp_tokens}
+    cached = sum(n for s, n in sizes.items() if s not in dc.stream_splits)
+    return cached, cached * profile.sae.d_in * DTYPE_BYTES[dc.cache_dtype] + 5 * sum(sizes.values())
 
 
 def run_folder_bytes(profile: Profile) -> int:
@@ -168,20 +171,32 @@ def estimate(profile: Profile, jobs: int = 1, calib: Calibration | None = None, 
         harvest_s = 2.0 * params_run * tokens / (calib.harvest_flops * HARVEST_EFFICIENCY)
     plan.stages.append(Stage("harvest (00_activations)", tokens, cbytes, harvest_ram,
                              weights + batch_tokens * d * 4 * 4 if on_gpu else 0, harvest_s,
-                             f"{params_run / 1e6:,.0f}M parameters run per token, cache in {profile.data.cache_dtype}"))
+                             f"{params_run / 1e6:,.0f}M parameters run per token, cache in {profile.data.cache_dtype}"
+                             + (f"; not the streamed {', '.join(profile.data.stream_splits)} split"
+                                if profile.data.stream_splits else "")))
 
     steps = _steps(profile)
     kinds = [r.kind for s in profile.seeds for r in profile.runs_for_seed(s)]
     parallel = 1 if on_gpu else max(1, min(jobs, len(profile.seeds)))
     train_mem = profile.train_memory_bytes()
     train_s = None
+    streamed = "train" in profile.data.stream_splits
     if calib is not None:
-        per_seed = [sum(calib.step_s.get(r.kind, calib.step_s["solo"]) for r in profile.runs_for_seed(s)) * steps
-                    for s in profile.seeds]
+        per_step_harvest = (2.0 * params_run * B / (calib.harvest_flops * HARVEST_EFFICIENCY)
+                            if streamed and calib.harvest_flops > 0 else 0.0)
+        per_seed = [(sum(calib.step_s.get(r.kind, calib.step_s["solo"]) for r in profile.runs_for_seed(s))
+                     + per_step_harvest) * steps for s in profile.seeds]
         train_s = _parallel_time(per_seed, parallel)
+    # the mixing buffer (cache dtype), its shuffled copy and a refill
+    buffer = profile.data.buffer_tokens * d * DTYPE_BYTES[profile.data.cache_dtype] * 3 if streamed else 0
+    model_ram = weights if streamed and not on_gpu else 0
+    train_ram = (train_mem + buffer + model_ram) * parallel if not on_gpu else 2 * GiB + buffer
+    train_gpu = train_mem + (weights if streamed else 0) if on_gpu else 0
     plan.stages.append(Stage("train (01_train)", steps * B * len(kinds), run_folder_bytes(profile) - _cross_bytes(profile),
-                             train_mem * parallel if not on_gpu else 2 * GiB, train_mem if on_gpu else 0, train_s,
-                             f"tokens counted once per SAE: {len(kinds)} SAEs over {len(profile.seeds)} seeds, {steps:,} steps of {B:,} tokens"))
+                             train_ram, train_gpu, train_s,
+                             f"tokens counted once per SAE: {len(kinds)} SAEs over {len(profile.seeds)} seeds, "
+                             f"{steps:,} steps of {B:,} tokens"
+                             + ("; the training split is streamed (harvested again by every seed)" if streamed else "")))
 
     phi_tokens = profile.data.phi_tokens
     eval_s = None

@@ -50,7 +50,8 @@ print({s: cache.n_valid(s) for s in ("train", "calib", "phi", "autointerp")}, "v
 # %%
 ratio = ctx.profile.data.massive_norm_ratio
 norms = cache.token_norms("phi")
-med = float(np.median(cache.token_norms("train")))
+ref_split = cache.norm_reference_split()  # "train", or "calib" when the training split is streamed
+med = float(np.median(cache.token_norms(ref_split)))
 cut = cache.massive_norm(ratio) if ratio else 5.0 * med  # the analysis uses 5x when the setting is off
 tokens, mask = cache.tokens("phi"), cache.mask("phi")
 tok_valid = tokens[mask].numpy()
@@ -75,7 +76,7 @@ stats = {"split": "phi", "tokens": int(len(norms)), "median_norm": float(np.medi
          "treatment": ("left out of training, passed through at the splice" if ratio else "none (kept everywhere)")}
 save_table([stats], "massive_activations", ctx.out,
            caption="Massive activations on the phi split: token norms, the tokens above the cut "
-                   f"({cut / med:.1f} x the median train norm), where they sit and the raw variance they hold")
+                   f"({cut / med:.1f} x the median {ref_split} norm), where they sit and the raw variance they hold")
 stats
 
 # %%

@@ -118,3 +118,17 @@ def test_plan_cli() -> None:
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "Plan for profile `smoke`" in proc.stdout and "| train (01_train) |" in proc.stdout
+
+
+def test_a_streamed_training_split_needs_no_disk_for_its_activations() -> None:
+    import dataclasses
+
+    p = _tiny()
+    s = dataclasses.replace(p, data=dataclasses.replace(p.data, stream_splits=["train"]))
+    d = p.sae.d_in
+    tokens, size = plan.cache_bytes(s)
+    assert tokens == 512 + 1024 + 256
+    assert size == tokens * d * 2 + 5 * (4096 + 512 + 1024 + 256)
+    assert plan.cache_bytes(p)[1] - size == 4096 * d * 2
+    est = plan.estimate(s, jobs=1)
+    assert "streamed" in est.stages[1].note and est.stages[1].ram_bytes > plan.estimate(p, jobs=1).stages[1].ram_bytes

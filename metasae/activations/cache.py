@@ -68,6 +68,7 @@ def build_cache(profile: Any, out_dir: Path, progress: bool = True, documents: S
         "cache_dtype": dcfg.cache_dtype, "ctx_len": dcfg.ctx_len,
         "corpus": "<documents given>" if documents is not None else dcfg.corpus,
         "corpus_builder": CORPUS_VERSION,
+        **({"streamed": sorted(dcfg.stream_splits)} if dcfg.stream_splits else {}),
         "corpus_shuffle_seed": SHUFFLE_SEED,
         "split_tokens": {s: getattr(dcfg, f"{s}_tokens") for s in SPLITS},
         "shard_tokens": dcfg.shard_tokens,
@@ -193,8 +194,8 @@ def _tokenise(profile: Any, out_dir: Path, key: dict, documents: Sequence[str] |
         for name, arr in ((tf, t), (mf, m)):
             with atomic_path(out_dir / name) as tmp:
                 arr.tofile(tmp)
-        shards = []
-        for j, r in enumerate(range(0, b - a, rows_per_shard)):
+        shards = []  # none for a streamed split: its activations are harvested while training
+        for j, r in enumerate(range(0, b - a, rows_per_shard) if s not in dcfg.stream_splits else ()):
             r1 = min(r + rows_per_shard, b - a)
             shards.append({"file": f"acts_{s}_{j:04d}.bin", "rows": [r, r1], "shape": [r1 - r, ctx, d],
                            "expected_size": (r1 - r) * ctx * d * itemsize, "sha256": None, "size": None})
@@ -391,6 +392,16 @@ class ActivationCache:
             raise ValueError(f"unknown split {split!r}; the cache has {', '.join(self.manifest['splits'])}")
         return split
 
+    def streamed(self, split: str) -> bool:
+        """Is `split` streamed (token ids cached, activations harvested while training)?"""
+        return split in self.manifest.get("key", {}).get("streamed", [])
+
+    def _cached(self, split: str) -> str:
+        if self.streamed(self._check(split)):
+            raise ValueError(f"split {split!r} is streamed (data.stream_splits): its activations are not on disk; "
+                             "read it with metasae.activations.stream")
+        return split
+
     def n_valid(self, split: str) -> int:
         return int(self.manifest["splits"][self._check(split)]["valid_tokens"])
 
@@ -410,11 +421,11 @@ class ActivationCache:
     # -- positional access -------------------------------------------
     def split_arrays(self, split: str) -> tuple[ShardedActs, torch.Tensor, torch.Tensor]:
         """(acts_RTD, tokens_RT, mask_RT); acts are read lazily by row as float32."""
-        return ShardedActs(self, self._check(split)), self.tokens(split), self.mask(split)
+        return ShardedActs(self, self._cached(split)), self.tokens(split), self.mask(split)
 
     def valid_acts(self, split: str, chunk_tokens: int = 65536) -> Iterator[torch.Tensor]:
         """Activations at valid positions, in stream order, in chunks of ``chunk_tokens`` x D."""
-        acts = ShardedActs(self, self._check(split))
+        acts = ShardedActs(self, self._cached(split))
         mask = self.mask(split)
         buf: list[torch.Tensor] = []
         n = 0
@@ -443,12 +454,18 @@ class ActivationCache:
                 [x.norm(dim=1).numpy() for x in self.valid_acts(split, 65536)]).astype(np.float32)
         return self._norms[key]
 
+    def norm_reference_split(self) -> str:
+        """The split whose median token norm scales the massive-activation cut: the training
+        split, or the calibration split when the training split is streamed."""
+        return "calib" if self.streamed("train") else "train"
+
     def massive_norm(self, ratio: float) -> float:
         """The norm above which a token counts as a massive activation: ``ratio`` x the median
-        token norm of the training split (``data.massive_norm_ratio``); +inf when ratio is 0."""
+        token norm of :meth:`norm_reference_split` (``data.massive_norm_ratio``); +inf when
+        ratio is 0."""
         if not ratio:
             return float("inf")
-        return float(ratio * np.median(self.token_norms("train")))
+        return float(ratio * np.median(self.token_norms(self.norm_reference_split())))
 
     # -- shuffled training batches -------------------------------------
     def _flat_index(self, split: str, exclude_above: float = float("inf")) -> np.ndarray:
@@ -463,6 +480,7 @@ class ActivationCache:
 
     def num_batches(self, split: str, batch_size: int, epochs: float = 1.0, drop_last: bool = True,
                     exclude_above: float = float("inf")) -> int:
+        self._cached(split)
         n = self.n_valid(split) if not math.isfinite(exclude_above) else len(self._flat_index(split, exclude_above))
         total = int(math.floor(epochs * n))
         return total // batch_size if drop_last else -(-total // batch_size)
@@ -478,7 +496,7 @@ class ActivationCache:
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}")
-        flat = self._flat_index(self._check(split), exclude_above)
+        flat = self._flat_index(self._cached(split), exclude_above)
         n = len(flat)
         if n == 0:
             raise ValueError(f"split {split!r} has no valid positions")
