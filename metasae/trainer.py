@@ -83,10 +83,15 @@ class RunState:
 def resolve_device(name: str) -> torch.device:
     """'auto' -> cuda when available, else cpu; a named cuda device must exist."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.device is {name!r} but no CUDA device is available; use 'cpu' or 'auto'")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        # fp32 GEMMs outside autocast (evaluation, the co-firing F^T F of 0/1 values, exact in TF32)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device
 
 
 def _adam(params, cfg: SAEConfig) -> torch.optim.Adam:

@@ -442,3 +442,26 @@ def test_fused_reconstruction_pass_counts_cofiring_exactly():
     assert counts.N == ref.N == 96
     assert np.array_equal(counts.N_i, ref.N_i) and np.array_equal(counts.N11_packed, ref.N11_packed)
     assert "mse_batchtopk" in rec and rec["l0"] == pytest.approx(counts.N_i.sum() / 96)
+
+
+@pytest.mark.parametrize("rows", [None, (3, 17)])
+def test_dense_cofiring_counts_equal_the_sparse_ones(rows, tmp_path):
+    """The GPU path (dense F^T F, packed once) gives the sparse path's integers, blocks included."""
+    rng = np.random.default_rng(5)
+    F = random_firing(rng, 300, 24)
+    sparse = counts_of(F, chunk=64, rows=rows)
+    dense = CoFiringCounts(24, rows=rows)
+    old = CoFiringCounts.DENSE_BLOCK_TOKENS
+    CoFiringCounts.DENSE_BLOCK_TOKENS = 50  # several blocks per chunk
+    try:
+        for s in range(0, 300, 64):
+            dense.update_fired(torch.from_numpy(F[s:s + 64]), dense=True)
+    finally:
+        CoFiringCounts.DENSE_BLOCK_TOKENS = old
+    assert dense.N == sparse.N and np.array_equal(dense.N_i, sparse.N_i)
+    assert np.array_equal(dense.row_block(dense.lo, dense.hi)[2], sparse.row_block(sparse.lo, sparse.hi)[2])
+    again = CoFiringCounts.load(dense.save(tmp_path / "d.npz"))
+    assert np.array_equal(again.N11_packed, sparse.N11_packed)
+    auto = CoFiringCounts(24, rows=rows)
+    auto.update_fired(torch.from_numpy(F))  # a CPU tensor: the sparse path
+    assert np.array_equal(auto.N11_packed, sparse.N11_packed)

@@ -177,6 +177,7 @@ class CoFiringCounts:
         self.N11_packed = np.zeros(size, dtype=np.int32)
         self.N_i = np.zeros(self.n, dtype=np.int64)
         self.N = 0
+        self._G: torch.Tensor | None = None  # dense pair counts not yet packed (update_fired on a GPU)
 
     @property
     def nbytes(self) -> int:
@@ -208,6 +209,44 @@ class CoFiringCounts:
         d = np.ascontiguousarray(G.data[keep], dtype=np.int32)
         torch.from_numpy(self.N11_packed).index_add_(0, torch.from_numpy(key), torch.from_numpy(d))
 
+    DENSE_BLOCK_TOKENS = 2 ** 24
+    """Tokens per dense block: a float32 GEMM of 0/1 values counts exactly up to 2^24."""
+
+    def update_fired(self, fired_TF: torch.Tensor, dense: bool | None = None) -> None:
+        """Accumulate a dense boolean firing chunk (tokens x n).
+
+        On a GPU (or with ``dense=True``) the pair counts come from a dense float32
+        ``F^T F`` of the 0/1 matrix (exact: every block holds at most 2^24 tokens, and
+        TF32 rounds 0 and 1 exactly), summed into an int64 n x n accumulator on the
+        device and packed once, when the counts are read; elsewhere the chunk goes
+        through the sparse path (:meth:`update`).  Both give the same integers.
+        """
+        dense = fired_TF.is_cuda if dense is None else dense
+        if not dense:
+            self.update(_chunk_from_torch(fired_TF.cpu()))
+            return
+        T, n = fired_TF.shape
+        if n != self.n:
+            raise ValueError(f"chunk has {n} latents, counts have {self.n}")
+        if self.N + T > _INT32_MAX:
+            raise OverflowError("more than 2^31 - 1 tokens: int32 pair counts would overflow")
+        if self._G is None:
+            self._G = torch.zeros(self.hi - self.lo, n, dtype=torch.int64, device=fired_TF.device)
+        self.N += T
+        self.N_i += fired_TF.sum(0).cpu().numpy().astype(np.int64)
+        for t0 in range(0, T, self.DENSE_BLOCK_TOKENS):
+            F = fired_TF[t0:t0 + self.DENSE_BLOCK_TOKENS].float()
+            self._G += (F[:, self.lo:self.hi].T @ F).round().to(torch.int64)
+
+    def _flush(self) -> None:
+        """Pack the dense accumulator's upper triangle (j > i) into ``N11_packed``."""
+        if self._G is None:
+            return
+        rows = torch.arange(self.lo, self.hi, device=self._G.device)[:, None]
+        upper = torch.arange(self.n, device=self._G.device)[None, :] > rows  # row-major = packed order
+        self.N11_packed += self._G[upper].to(torch.int32).cpu().numpy()
+        self._G = None
+
     def update_many(self, chunks: Iterable[FiringChunk], max_tokens: int | None = None) -> "CoFiringCounts":
         for ch in chunks:
             if max_tokens is not None and self.N >= max_tokens:
@@ -217,6 +256,7 @@ class CoFiringCounts:
 
     def row_block(self, i0: int, i1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(i, j, N11) for every pair with i in [i0, i1) and j > i (packed order)."""
+        self._flush()
         if not self.lo <= i0 <= i1 <= self.hi:
             raise ValueError(f"rows [{i0}, {i1}) are outside the counted rows [{self.lo}, {self.hi})")
         a = int(_row_offset(i0, self.n)) - self._base
@@ -237,6 +277,7 @@ class CoFiringCounts:
         return out
 
     def save(self, path: str | Path) -> Path:
+        self._flush()
         path = Path(path)
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as fh:
@@ -647,6 +688,7 @@ class CrossCounts:
         return out
 
     def save(self, path: str | Path) -> Path:
+        self._flush()
         path = Path(path)
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as fh:

@@ -34,7 +34,6 @@ def reconstruction_metrics(sae, batches: Iterable[torch.Tensor], thresholds=None
     rule over each batch: pass batches of the training batch size) and, when
     ``counts`` (a CoFiringCounts) is given, accumulates its co-firing counts.
     """
-    from metasae.metrics.cooccurrence import _chunk_from_torch
 
     device = _module_device(sae)
     theta = resolve_thresholds(sae, thresholds).to(device)
@@ -74,7 +73,7 @@ def reconstruction_metrics(sae, batches: Iterable[torch.Tensor], thresholds=None
             sse_std += float(sae.mse_standardized(x, thr_arg)) * B * D
         fire_counts += fired.sum(0).cpu()
         if counts is not None:
-            counts.update(_chunk_from_torch(fired.cpu()))
+            counts.update_fired(fired)  # dense F^T F on a GPU, sparse on the CPU
         n_elem += B * D
         x64 = x.double()
         rss += float(((x64 - x_hat.double()) ** 2).sum())
