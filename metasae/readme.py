@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -122,28 +123,29 @@ def render_verdicts(summary: dict[str, Any]) -> list[str]:
         out.append(f"* **At a reconstruction cost.** Delta L2 {l2:+.1f} % (paper {PAPER_DELTA_L2_PCT:+.1f} %)"
                    + (f", Delta CE {ce:+.2f} percentage points of the clean CE." if ce is not None else "."))
     ind = _d(c.get("delta_phi_pct_solo_indep1"))
-    im = _num(ind.get("mean"))
-    if im is not None and m is not None:
-        bigger = abs(im) >= abs(m)
-        out.append(f"* **Seed noise.** An independent solo differs from the solo by {im:+.1f} % "
-                   f"({'significant' if _significant(ind.get('p')) else 'not significant'}), "
-                   f"{'as large as or larger than' if bigger else 'smaller than'} the headline's {m:+.1f} %: "
-                   "a single pair of runs, as in the paper, cannot separate the penalty from the init seed.")
+    im, ise, inn = _num(ind.get("mean")), _num(ind.get("se")), ind.get("n") or 0
+    if im is not None and ise is not None and inn >= 2:
+        sd = ise * math.sqrt(inn)
+        out.append(f"* **Seed noise.** An independent solo (no penalty, another init seed) differs from the solo by "
+                   f"{im:+.1f} +/- {ise:.1f} % ({'significant' if _significant(ind.get('p')) else 'not significant'}), "
+                   f"with a standard deviation over seeds of {sd:.1f} %: a single pair of runs, as in the paper, "
+                   f"moves by about that much with no penalty at all.")
     along = _d(c.get("delta_phi_pct_along_training"))
     if along:
-        sig_at = [f for f, v in along.items() if _significant(_d(v).get("p")) and (_num(_d(v).get("mean")) or 0) < 0]
-        not_at = [f for f in along if f not in sig_at]
-        pct = lambda fs: ", ".join(f"{100 * float(f):.0f} %" for f in fs)  # noqa: E731
-        if sig_at and not_at:
-            text = (f"the reduction is significant at {pct(sig_at)} of training and not at {pct(not_at)}: "
-                    "the penalty's effect on |phi| is largest early and fades as the SAEs converge.")
-            if float(sig_at[-1]) > float(not_at[-1]):
-                text = (f"the reduction is significant at {pct(sig_at)} of training and not at {pct(not_at)}.")
-        elif sig_at:
-            text = f"the reduction is significant at every checkpoint ({pct(sig_at)} of training)."
-        else:
-            text = f"the reduction is significant at no checkpoint ({pct(not_at)} of training)."
-        out.append(f"* **Along training** (the paper's \"not fully converged\"): {text}")
+        parts = []
+        for f, v in along.items():
+            v = _d(v)
+            mean, p_f = _num(v.get("mean")), _num(v.get("p"))
+            if mean is None:
+                continue
+            what = ("not tested" if p_f is None else
+                    ("a significant reduction" if mean < 0 else "a significant increase") if p_f < ALPHA
+                    else "not significant")
+            parts.append(f"{100 * float(f):.0f} %: {mean:+.1f} % ({what}"
+                         + (f", p = {p_f:.2g})" if p_f is not None else ")"))
+        if parts:
+            out.append("* **Along training** (the paper's \"not fully converged\"), Delta mean |phi| at each "
+                       "snapshot: " + "; ".join(parts) + ".")
     grid = _d(_d(summary.get("grid_first_seed")).get("runs"))
     seed0 = _d(summary.get("grid_first_seed")).get("seed")
     joints = {k: _d(v) for k, v in grid.items() if k.startswith("joint_") and k != "joint_l0"

@@ -399,3 +399,30 @@ def test_seeds_too_large_for_the_generators_are_refused_up_front():
         np.random.default_rng(derived)
         np.random.seed(derived)
         torch.Generator().manual_seed(derived)
+
+
+def test_a_stray_profile_beside_the_shipped_ones_is_not_the_suites_business():
+    """A user's draft profiles/*.toml (even an invalid one) must not change what the tests check."""
+    from metasae.config import PROFILE_DIR
+
+    stray = Path(PROFILE_DIR) / "zz_stray_draft_for_the_test.toml"
+    before = shipped_profiles()
+    stray.write_text('name = "zz_stray_draft_for_the_test"\n')  # invalid: no model, no data
+    try:
+        assert shipped_profiles() == before and "zz_stray_draft_for_the_test" not in before
+    finally:
+        stray.unlink()
+
+
+def test_a_smoke_run_in_the_tree_leaves_it_clean():
+    """figures/smoke/ (written by an in-tree smoke run) is ignored by git; figures/default/ is tracked."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    ignored = subprocess.run(["git", "check-ignore", "-q", "figures/smoke/fig1a_phi_density_diff_seed0.png"],
+                             cwd=root, timeout=60)
+    if ignored.returncode == 128:
+        pytest.skip("not a git checkout")
+    assert ignored.returncode == 0
+    assert subprocess.run(["git", "check-ignore", "-q", "figures/default/fig1a_phi_density_diff_seed0.png"],
+                          cwd=root, timeout=60).returncode == 1
