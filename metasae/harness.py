@@ -261,6 +261,7 @@ def check_plan(profile: Profile, jobs: int, out: Path) -> None:
     free = _free_disk(out)
     if free is not None and out.exists():
         free += _used_bytes(out)
+    # memory only for a CPU profile: 'auto' may train on a GPU, which torch (not loaded here) would tell
     try:
         check(plan, free, available_memory_bytes() if profile.train.device == "cpu" else None)
     except PlanError as exc:
