@@ -465,3 +465,14 @@ def test_dense_cofiring_counts_equal_the_sparse_ones(rows, tmp_path):
     auto = CoFiringCounts(24, rows=rows)
     auto.update_fired(torch.from_numpy(F))  # a CPU tensor: the sparse path
     assert np.array_equal(auto.N11_packed, sparse.N11_packed)
+
+
+def test_cross_counts_save_and_load(tmp_path):
+    rng = np.random.default_rng(6)
+    Fa, Fb = random_firing(rng, 120, 10), random_firing(rng, 120, 7)
+    from metasae.metrics.cooccurrence import CrossCounts
+
+    c = CrossCounts(10, 7)
+    c.update(firing_from_dense(Fa), firing_from_dense(Fb))
+    again = CrossCounts.load(c.save(tmp_path / "x.npz"))
+    assert np.array_equal(again.N11, Fa.T.astype(np.int64) @ Fb.astype(np.int64)) and again.N == 120

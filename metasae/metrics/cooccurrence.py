@@ -688,7 +688,6 @@ class CrossCounts:
         return out
 
     def save(self, path: str | Path) -> Path:
-        self._flush()
         path = Path(path)
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as fh:
