@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -22,6 +21,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from probe_io import finish  # noqa: E402
 
 
 def main() -> None:
@@ -84,12 +86,7 @@ def main() -> None:
         s = ce_summary(raw)
         res[label][f"ce_loss_score_massive_{how}"] = s["ce_loss_score"]
         res[label][f"delta_ce_pct_massive_{how}"] = s["delta_ce_pct"]
-    res["seconds"] = time.time() - t0
-    res["loadavg"] = os.getloadavg()
-    print(json.dumps(res, indent=2))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+    finish(res, t0, args.out)
 
 
 if __name__ == "__main__":

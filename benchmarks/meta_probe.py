@@ -23,14 +23,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from probe_io import finish  # noqa: E402
 
 
 def ev(W, W_hat) -> float:
@@ -99,12 +100,7 @@ def main() -> None:
         "mean_abs_cos_solo_rows": float((Ws @ Ws.t()).fill_diagonal_(0).abs().mean()),
         "mean_abs_cos_random_rows": float((R @ R.t()).fill_diagonal_(0).abs().mean()),
     }
-    res["seconds"] = time.time() - t0
-    res["loadavg"] = os.getloadavg()
-    print(json.dumps(res, indent=2))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+    finish(res, t0, args.out)
 
 
 if __name__ == "__main__":

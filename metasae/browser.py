@@ -40,7 +40,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from metasae.io import atomic_write_text
+from metasae.io import apt_install, atomic_write_text
 
 MISSING = "missing"
 """What a cell shows when the artefact it comes from does not exist (e.g. a seed without autointerp)."""
@@ -691,17 +691,7 @@ def ensure_chromium() -> str:
     found = find_chromium()
     if found:
         return found
-    if shutil.which("apt-get") is None:
-        raise ChromiumUnavailable("Chromium is not installed and this machine has no apt-get to install it "
-                                  "(install the `chromium` package by hand)")
-    if hasattr(os, "geteuid") and os.geteuid() != 0:
-        raise ChromiumUnavailable("Chromium is not installed; run `apt-get install -y chromium` as root")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "chromium"]):
-        res = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if res.returncode != 0:
-            raise ChromiumUnavailable(f"`{' '.join(cmd)}` failed (exit {res.returncode}): "
-                                      f"{(res.stderr or res.stdout).strip().splitlines()[-1:]}")
+    apt_install(["chromium"], "Chromium (for the browser's tests and screenshots)", ChromiumUnavailable)
     found = find_chromium()
     if not found:
         raise ChromiumUnavailable("`apt-get install -y chromium` succeeded but no chromium binary is on PATH")

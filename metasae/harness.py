@@ -247,6 +247,15 @@ def _free_disk(folder: Path) -> int | None:
         return None
 
 
+def _room(out: Path) -> int | None:
+    """Bytes a run into `out` may write: the free disk plus what `out` already holds (a rerun
+    only adds what is missing)."""
+    free = _free_disk(out)
+    if free is not None and out.exists():
+        free += _used_bytes(out)
+    return free
+
+
 def check_plan(profile: Profile, jobs: int, out: Path) -> None:
     """Refuse, before any work, a profile whose disk or memory needs (metasae.plan) this machine lacks.
 
@@ -258,9 +267,7 @@ def check_plan(profile: Profile, jobs: int, out: Path) -> None:
         plan = estimate(profile, jobs, device="cpu" if profile.train.device in ("cpu", "auto") else "cuda")
     except (ConfigError, ValueError, KeyError, TypeError, ZeroDivisionError):
         return  # a profile the planner cannot size is still checked by check_memory
-    free = _free_disk(out)
-    if free is not None and out.exists():
-        free += _used_bytes(out)
+    free = _room(out)
     # memory only for a CPU profile: 'auto' may train on a GPU, which torch (not loaded here) would tell
     try:
         check(plan, free, available_memory_bytes() if profile.train.device == "cpu" else None)
@@ -286,9 +293,7 @@ def print_plan(plan_args: Plan) -> int:
     calib = calibrate(profile, device, threads=threads_per_process(parallel) if not device.startswith("cuda") else 0)
     plan = estimate(profile, plan_args.jobs, calib, device)
     print(render(plan, calib))
-    free = _free_disk(plan_args.out)
-    if free is not None and plan_args.out.exists():
-        free += _used_bytes(plan_args.out)
+    free = _room(plan_args.out)
     try:
         check(plan, free, available_memory_bytes() if not device.startswith("cuda") else None,
               gpu_memory_bytes(device))

@@ -2,7 +2,8 @@
 
 Every artefact is written to a temporary file in the same folder, flushed and
 fsynced, then renamed over the target: a run that dies leaves either the old
-file or the new one, never a file that looks complete but is not.
+file or the new one, never a file that looks complete but is not.  Also the one
+place that installs Debian packages (:func:`apt_install`).
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
+import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 
 class IntegrityError(RuntimeError):
@@ -101,3 +104,21 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def apt_install(packages: Sequence[str], need: str, error: type[Exception], alternative: str = "") -> None:
+    """``apt-get update`` then ``apt-get install -y packages`` as root (the offline corpus's
+    Debian packages, Chromium for the browser tests); anything that stops it raises `error`
+    with one sentence: "<need> needs ...", followed by `alternative` when given."""
+    names = " ".join(packages)
+    tail = f"; {alternative}" if alternative else ""
+    if shutil.which("apt-get") is None:
+        raise error(f"{need} needs Debian's apt-get to install {names}{tail}")
+    if hasattr(os, "geteuid") and os.geteuid() != 0:
+        raise error(f"{need} needs `apt-get install -y {names}` as root; run it{tail}")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", *packages]):
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if res.returncode != 0:
+            last = (res.stderr or res.stdout).strip().splitlines()[-1:]
+            raise error(f"`{' '.join(cmd)}` failed (exit {res.returncode}{': ' + last[0] if last else ''}){tail}")

@@ -132,18 +132,29 @@ def cache_bytes(profile: Profile) -> tuple[int, int]:
 
 def run_folder_bytes(profile: Profile) -> int:
     """Checkpoints, exports, snapshots and cross-|phi| matrices of every seed."""
+    return _checkpoint_bytes(profile) + _cross_bytes(profile)
+
+
+def _checkpoint_bytes(profile: Profile) -> int:
+    """Per SAE: the last checkpoint (weights and Adam's two moments, two copies while a new one
+    is committed), the SAELens export and the snapshots."""
     n, d = profile.sae.n_latents, profile.sae.d_in
     total = 0
     for seed in profile.seeds:
-        runs = profile.runs_for_seed(seed)
-        for r in runs:
+        for r in profile.runs_for_seed(seed):
             w = sae_bytes(n, d)
             if r.kind == "joint":
                 w += sae_bytes(r.meta_latents or profile.meta.n_latents, d)
             total += w * 3 * 2 + w + w * len(profile.train.snapshot_fractions)
-        crosses = 1 + sum(1 for r in runs if r.name.startswith("solo_indep"))
-        total += crosses * n * n * 4
     return total
+
+
+def _cross_bytes(profile: Profile) -> int:
+    """The n x n float32 cross-|phi| counts of the solo against the replicated joint and the
+    independent solos, per seed."""
+    n = profile.sae.n_latents
+    return sum((1 + sum(1 for r in profile.runs_for_seed(s) if r.name.startswith("solo_indep"))) * n * n * 4
+               for s in profile.seeds)
 
 
 def _steps(profile: Profile) -> int:
@@ -192,7 +203,7 @@ def estimate(profile: Profile, jobs: int = 1, calib: Calibration | None = None, 
     model_ram = weights if streamed and not on_gpu else 0
     train_ram = (train_mem + buffer + model_ram) * parallel if not on_gpu else 2 * GiB + buffer
     train_gpu = train_mem + (weights if streamed else 0) if on_gpu else 0
-    plan.stages.append(Stage("train (01_train)", steps * B * len(kinds), run_folder_bytes(profile) - _cross_bytes(profile),
+    plan.stages.append(Stage("train (01_train)", steps * B * len(kinds), _checkpoint_bytes(profile),
                              train_ram, train_gpu, train_s,
                              f"tokens counted once per SAE: {len(kinds)} SAEs over {len(profile.seeds)} seeds, "
                              f"{steps:,} steps of {B:,} tokens"
@@ -211,12 +222,6 @@ def estimate(profile: Profile, jobs: int = 1, calib: Calibration | None = None, 
     plan.stages.append(Stage("autointerp (03_autointerp)", profile.data.autointerp_tokens, 0, weights, 0, None,
                              f"{profile.autointerp.backend} judge: time depends on its server"))
     return plan
-
-
-def _cross_bytes(profile: Profile) -> int:
-    n = profile.sae.n_latents
-    return sum((1 + sum(1 for r in profile.runs_for_seed(s) if r.name.startswith("solo_indep"))) * n * n * 4
-               for s in profile.seeds)
 
 
 def _parallel_time(per_seed: list[float], parallel: int) -> float:

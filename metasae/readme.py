@@ -199,9 +199,9 @@ def render_block(summary: dict[str, Any], source: str) -> str:
     lines.append(f"| {total_label} | {_minutes(summary.get('wall_s_total'))} |")
     if _num(summary.get("setup_s")) is not None:
         lines.append(f"| setup before the notebooks (environment, corpus) | {_minutes(summary['setup_s'])} |")
-    stages = summary.get("stages") if isinstance(summary.get("stages"), dict) else {}
+    stages = _d(summary.get("stages"))
     for name, st in stages.items():
-        st = st if isinstance(st, dict) else {}
+        st = _d(st)
         n = len(st.get("per_execution") or [])
         conc = st.get("concurrency") or 1
         how = f"{n} runs, {conc} side by side" if n > 1 and conc > 1 else (f"{n} runs" if n > 1 else "")
@@ -210,18 +210,18 @@ def render_block(summary: dict[str, Any], source: str) -> str:
     lines += ["", "Solo SAE per seed against the quality bars:", "",
               "| seed | " + " | ".join(b[1] for b in BARS) + " |",
               "|---|" + "---|" * len(BARS)]
-    quality = summary.get("solo_quality") if isinstance(summary.get("solo_quality"), dict) else {}
+    quality = _d(summary.get("solo_quality"))
     for seed, q in quality.items():
-        q = q if isinstance(q, dict) else {}
+        q = _d(q)
         lines.append(f"| {seed} | " + " | ".join(_bar_cell(q.get(k), op, bar, show) for k, _, op, bar, show in BARS)
                      + " |")
 
-    h = summary.get("headline") if isinstance(summary.get("headline"), dict) else {}
+    h = _d(summary.get("headline"))
     joint = h.get("joint") or "n/a"
-    meta = summary.get("meta_explained_variance") if isinstance(summary.get("meta_explained_variance"), dict) else {}
+    meta = _d(summary.get("meta_explained_variance"))
     meta_text = ", ".join(f"seed {s}: {_fmt(v, '.3f')}" for s, v in meta.items()) or "n/a"
-    c0 = summary.get("comparisons") if isinstance(summary.get("comparisons"), dict) else {}
-    mc = c0.get("meta_explained_variance_joint_l0") if isinstance(c0.get("meta_explained_variance_joint_l0"), dict) else {}
+    c = _d(summary.get("comparisons"))
+    mc = _d(c.get("meta_explained_variance_joint_l0"))
     ctrl = (f" The lambda2 = 0 control's meta SAE, on rows no penalty pushes away: "
             f"{_fmt(mc.get('mean'), '.3f')} +/- {_fmt(mc.get('se'), '.3f')} (n = {mc.get('n')})." if mc.get("n") else "")
     lines += ["", f"Meta SAE explained variance (joint `{joint}`): {meta_text}.{ctrl}", ""]
@@ -238,17 +238,16 @@ def render_block(summary: dict[str, Any], source: str) -> str:
         f"* Delta L2 = {_fmt(h.get('delta_l2_pct_mean'), '+.2f')} %; "
         f"Delta CE = {_fmt(h.get('delta_ce_pct_mean'), '+.2f')} percentage points of the clean CE.",
     ]
-    c = summary.get("comparisons") if isinstance(summary.get("comparisons"), dict) else {}
 
     def ms(key: str, spec: str = "+.1f", unit: str = " %") -> str:
-        v = c.get(key) if isinstance(c.get(key), dict) else {}
+        v = _d(c.get(key))
         return (f"{_fmt(v.get('mean'), spec)} +/- {_fmt(v.get('se'), spec.lstrip('+'))}{unit} (n = {v.get('n', 0)})"
                 if v.get("n") else "n/a")
 
     if c:
         lines.append(f"* Seed noise, an independent solo (another init seed) against the solo: Delta mean |phi| = "
                      f"{ms('delta_phi_pct_solo_indep1')}; the lambda2 = 0 control: {ms('delta_phi_pct_joint_l0')}.")
-        along = c.get("delta_phi_pct_along_training") if isinstance(c.get("delta_phi_pct_along_training"), dict) else {}
+        along = _d(c.get("delta_phi_pct_along_training"))
         if along:
             parts = [f"{100 * float(f):.0f} %: {_fmt(v.get('mean'), '+.1f')} +/- {_fmt(v.get('se'), '.1f')}"
                      for f, v in along.items() if isinstance(v, dict)]
@@ -256,7 +255,7 @@ def render_block(summary: dict[str, Any], source: str) -> str:
                          + "; ".join(parts) + ".")
         lines.append("* Solo CE loss score with every token spliced (massive activations included): "
                      f"{ms('solo_ce_loss_score_all_tokens', '.3f', '')}.")
-        sel = c.get("selection") if isinstance(c.get("selection"), dict) else {}
+        sel = _d(c.get("selection"))
         if sel.get("selected_by_rule"):
             lines.append(f"* The paper's selection rule, applied to seed {sel.get('chosen_on_seed')}'s grid, picks "
                          f"`{sel['selected_by_rule']}` (the replicated configuration is `{sel.get('replicated')}`, "

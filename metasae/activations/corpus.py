@@ -31,7 +31,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from metasae.io import atomic_write_json, read_json
+from metasae.io import apt_install, atomic_write_json, read_json
 from metasae.paths import data_root
 
 OFFLINE = "debian-offline"
@@ -221,17 +221,8 @@ def _sword_module_present() -> bool:
 
 
 def _install_packages() -> None:
-    alt = "or set METASAE_CORPUS to a folder of .txt files"
-    if shutil.which("apt-get") is None:
-        raise CorpusUnavailable(f"the offline corpus needs Debian's apt-get to install {' '.join(DEBIAN_PACKAGES)}; {alt}")
-    if hasattr(os, "geteuid") and os.geteuid() != 0:
-        raise CorpusUnavailable(
-            f"the offline corpus needs `apt-get install -y {' '.join(DEBIAN_PACKAGES)}` as root; run it, {alt}")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", *DEBIAN_PACKAGES]):
-        res = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if res.returncode != 0:
-            raise CorpusUnavailable(f"`{' '.join(cmd)}` failed (exit {res.returncode}); {alt}")
+    apt_install(DEBIAN_PACKAGES, "the offline corpus", CorpusUnavailable,
+                "or set METASAE_CORPUS to a folder of .txt files")
 
 
 # "Book C:V: text"; the book name is anchored at the line start so that inline

@@ -35,10 +35,6 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-STREAMABLE = ("train",)
-"""Splits that may be streamed.  The |phi| pass still reads a cached phi split."""
-
-
 def stream_batches(loaded: Any, layer: int, tokens_RT: torch.Tensor, mask_RT: torch.Tensor, *, batch_size: int,
                    seed: int, n_batches: int, buffer_tokens: int = 262144,
                    harvest_rows: int = 16, cache_dtype: torch.dtype = torch.bfloat16,
