@@ -323,7 +323,16 @@ class AutointerpConfig:
     n_sim_per_quintile: int = 5
     n_fuzz_examples: int = 10
     """Activating examples per latent for fuzz/detection (as many non-activating)."""
-    scorers: list[str] = field(default_factory=lambda: ["simulation", "fuzz", "detection"])
+    scorers: list[str] = field(default_factory=lambda: ["simulation", "fuzz", "detection", "embedding"])
+    simulation_mode: Literal["json", "logprob"] = "json"
+    """"json": the paper's code (a JSON array of 0-10 predictions); "logprob": one one-digit
+    question per example, scored by the expected digit (needs log-probabilities)."""
+    validation: bool = True
+    """Score the judge validation set (synthetic latents with known answers) once per run."""
+    n_validation_latents: int = 12
+    """Synthetic latents of the validation set (each needs enough firings on the autointerp split)."""
+    random_baseline_joint: bool = True
+    """Also score the joint SAE's latents with random explanations (the solo's always are)."""
     timeout_s: float = 120.0
     max_retries: int = 3
     max_new_tokens: int = 120
@@ -340,8 +349,11 @@ class AutointerpConfig:
         for name in ("n_explain_top", "n_explain_per_lower", "n_sim_per_quintile", "n_fuzz_examples"):
             _pos_int(getattr(self, name), f"{where}.{name}")
         for s in self.scorers:
-            if s not in ("simulation", "fuzz", "detection"):
-                raise ConfigError(f"{where}.scorers has unknown scorer {s!r} (simulation, fuzz, detection)")
+            if s not in ("simulation", "fuzz", "detection", "embedding"):
+                raise ConfigError(f"{where}.scorers has unknown scorer {s!r} (simulation, fuzz, detection, embedding)")
+        if self.simulation_mode not in ("json", "logprob"):
+            raise ConfigError(f"{where}.simulation_mode must be 'json' or 'logprob', not {self.simulation_mode!r}")
+        _pos_int(self.n_validation_latents, f"{where}.n_validation_latents")
         _pos_float(self.timeout_s, f"{where}.timeout_s")
         _nonneg_int(self.max_retries, f"{where}.max_retries")
         _pos_int(self.max_new_tokens, f"{where}.max_new_tokens")

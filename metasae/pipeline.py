@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -522,10 +524,50 @@ def _contexts_for(ctx: RunContext, seed: int, name: str, latents: list[int], cac
                               thresholds_F=thr.thresholds_F, mask_RT=mask, tokenizer=tokenizer)
 
 
+def judge_client(ctx: RunContext):
+    """The profile's explainer/judge, behind the run's on-disk request cache (loaded once per process)."""
+    from metasae.autointerp.llm import make_client
+
+    cfg = ctx.profile.autointerp
+    key = (str(ctx.out), cfg.backend, cfg.model, cfg.base_url)
+    if key not in _JUDGES:
+        _JUDGES.clear()  # one judge in memory at a time
+        _JUDGES[key] = make_client(cfg, cache_dir=ctx.out / "llm_cache")
+    return _JUDGES[key]
+
+
+_JUDGES: dict[tuple[str, ...], Any] = {}
+
+
+def judge_validation(ctx: RunContext, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    # ``seed`` draws the contexts; the set depends on the corpus and the judge, not on any SAE
+    """Score the judge validation set (synthetic latents with known answers, on the autointerp
+    split) with every scorer; write ``<out>/autointerp/validation_summary.json``."""
+    from metasae.autointerp.run import count_failed
+    from metasae.autointerp.validation import build_validation_contexts, score_validation, summarize_validation
+
+    cfg = ctx.profile.autointerp
+    cache = ensure_activations(ctx, progress=False)
+    _, tokens, mask = cache.split_arrays("autointerp")
+    contexts = build_validation_contexts(tokens.numpy(), mask.numpy(), cfg, seed, loaded_model(ctx).tokenizer,
+                                         n_latents=cfg.n_validation_latents)
+    vdir = ctx.out / "autointerp" / "validation"
+    client = judge_client(ctx)
+    misses0, t0 = getattr(client, "misses", 0), time.perf_counter()
+    records = score_validation(contexts, client, cfg, vdir, seed=seed, progress=progress)
+    seconds, n_req = time.perf_counter() - t0, getattr(client, "misses", 0) - misses0
+    out = {"judge": {"backend": cfg.backend, "model": cfg.model}, "latents": list(contexts),
+           "summary": summarize_validation(records), "n_failed": count_failed(records),
+           # the judge's speed, measured on the requests this call really sent (not the cached ones)
+           "speed": {"seconds": seconds, "n_requests": n_req, "loadavg": list(os.getloadavg()),
+                     "requests_per_s": n_req / seconds if n_req and seconds > 0 else None}}
+    atomic_write_json(ctx.out / "autointerp" / "validation_summary.json", out)
+    return {**out, "records": records}
+
+
 def autointerp_seed(ctx: RunContext, seed: int, joint: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Explain and score a sample of matched (joint, solo) pairs; resumable (one file per latent)."""
-    from metasae.autointerp.llm import make_client
-    from metasae.autointerp.run import count_failed, score_latents, summarize_pairs
+    from metasae.autointerp.run import count_failed, score_latents, summarize_pairs, summarize_vs_random
 
     cfg = ctx.profile.autointerp
     joint = joint or selected_config(ctx, seed)
@@ -548,14 +590,17 @@ def autointerp_seed(ctx: RunContext, seed: int, joint: str | None = None, progre
     tokenizer = loaded_model(ctx).tokenizer
     ctx_j = _contexts_for(ctx, seed, joint, lj, cache, tokenizer)
     ctx_s = _contexts_for(ctx, seed, "solo", ls, cache, tokenizer)
-    client = make_client(cfg, cache_dir=ctx.out / "llm_cache")
+    client = judge_client(ctx)
     adir = paths.seed_dir(ctx.out, seed) / "autointerp"
-    rec_j = score_latents(joint, lj, ctx_j, client, cfg, adir, seed=seed, progress=progress)
+    rec_j = score_latents(joint, lj, ctx_j, client, cfg, adir, seed=seed, progress=progress,
+                          random_baseline=cfg.random_baseline_joint)
     rec_s = score_latents("solo", ls, ctx_s, client, cfg, adir, seed=seed, progress=progress)
     summary = summarize_pairs(rec_j, rec_s)
-    out = {"joint": joint, "n_matched_alive": len(match), "n_pairs_eligible": int(len(eligible)), "n_pairs_scored": n,
+    out = {"joint": joint, "judge": {"backend": cfg.backend, "model": cfg.model},
+           "n_matched_alive": len(match), "n_pairs_eligible": int(len(eligible)), "n_pairs_scored": n,
            "pairs": [{"joint": a, "solo": b, "cosine": float(match.cosine[i])} for a, b, i in zip(lj, ls, pick)],
            "records_joint": rec_j, "records_solo": rec_s, "summary": summary,
+           "vs_random": {"solo": summarize_vs_random(rec_s), "joint": summarize_vs_random(rec_j)},
            "n_failed": count_failed(rec_j) + count_failed(rec_s)}
     atomic_write_json(adir / "summary.json", {k: v for k, v in out.items() if not k.startswith("records")})
     return out

@@ -45,6 +45,9 @@ class ReadmeError(RuntimeError):
 
 
 # The bars a solo SAE should meet: (summary key, column title, comparison, bar, how to show a value)
+VALIDATION_AUC_BAR = 0.8
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
@@ -170,9 +173,51 @@ def render_verdicts(summary: dict[str, Any]) -> list[str]:
                    f"of the lambda2 = 0 control's: {why}.  How much a meta SAE of this size can explain at all "
                    "(against random unit rows, and with a larger meta k or dictionary) is measured by "
                    "`benchmarks/meta_probe.py` ([`benchmarks/README.md`](benchmarks/README.md)).")
+    out += autointerp_verdicts(_d(summary.get("autointerp")))
     syn = summary.get("synthetic_verdict")
     if isinstance(syn, str) and syn:
         out.append(f"* **Ground truth (synthetic activations, `07_synthetic`).** {syn}")
+    return out
+
+
+def _ci_excludes_zero(v: dict[str, Any]) -> bool | None:
+    lo, hi = _num(v.get("ci_low")), _num(v.get("ci_high"))
+    return None if lo is None or hi is None else (lo > 0 or hi < 0)
+
+
+def autointerp_verdicts(a: dict[str, Any]) -> list[str]:
+    """Can the judge be trusted (validation AUC >= 0.8), does it beat random explanations on
+    the solo's latents (CI of the difference excluding 0), and joint vs solo per scorer."""
+    if not a:
+        return []
+    judge = a.get("judge") or "n/a"
+    out = []
+    auc = {k: _num(v) for k, v in _d(a.get("validation_auc")).items() if _num(v) is not None}
+    if auc:
+        good = [k for k, v in auc.items() if v >= VALIDATION_AUC_BAR]
+        n_lat = len(a.get("validation_latents") or [])
+        out.append(f"* **Can the judge be trusted?** On the validation set ({n_lat} synthetic latents with known "
+                   f"answers), `{judge}` tells the correct explanation from a random one with AUC >= "
+                   f"{VALIDATION_AUC_BAR} on " + (", ".join(f"{k} ({auc[k]:.2f})" for k in good) if good else "no score")
+                   + "; " + ", ".join(f"{k} {v:.2f}" for k, v in auc.items() if k not in good)
+                   + (" fall short." if len(good) < len(auc) else "."))
+    vr = {k: _d(v) for k, v in _d(a.get("vs_random")).items()}
+    if vr:
+        beat = [k for k, v in vr.items() if _ci_excludes_zero(v) and (_num(v.get("diff")) or 0) > 0]
+        n = max((v.get("n") or 0) for v in vr.values())
+        out.append(f"* **Real latents.** On {n} latents of the solo SAE, the explanation beats a random one (95% CI "
+                   f"of the difference above 0) on {len(beat)} of {len(vr)} scores"
+                   + (": " + ", ".join(f"{k} {_num(vr[k]['diff']):+.3f} [{_num(vr[k]['ci_low']):+.3f}, "
+                                       f"{_num(vr[k]['ci_high']):+.3f}]" for k in beat) if beat else "")
+                   + ".")
+    jv = {k: _d(v) for k, v in _d(a.get("joint_vs_solo")).items()}
+    sig = [k for k, v in jv.items() if _significant(v.get("p"))]
+    if jv:
+        n = max((v.get("n_pairs") or 0) for v in jv.values())
+        out.append(f"* **Figure 2, joint against solo** ({n} matched pairs, seed {a.get('seed')}): "
+                   + ("; ".join(f"{k} {_fmt(v.get('delta'), '+.3f')} (p = {_fmt(v.get('p'), '.2g')}, "
+                                f"MDE {_fmt(v.get('mde'), '.3f')})" for k, v in jv.items()))
+                   + (f"; significant on {', '.join(sig)}." if sig else "; no score differs significantly."))
     return out
 
 
@@ -260,6 +305,23 @@ def render_block(summary: dict[str, Any], source: str) -> str:
             lines.append(f"* The paper's selection rule, applied to seed {sel.get('chosen_on_seed')}'s grid, picks "
                          f"`{sel['selected_by_rule']}` (the replicated configuration is `{sel.get('replicated')}`, "
                          "fixed in the profile).")
+    a = _d(summary.get("autointerp"))
+    if a:
+        sp = _d(a.get("validation_speed"))
+        speed = (f"; on the validation set it answered {sp.get('n_requests')} requests in "
+                 f"{_fmt(sp.get('seconds'), '.0f')} s ({_fmt(sp.get('requests_per_s'), '.2f')} per second)"
+                 if _num(sp.get("requests_per_s")) is not None else "")
+        lines += ["", f"Autointerp (seed {a.get('seed')}, judge `{a.get('judge')}` via {a.get('backend')}{speed}):", "",
+                  "| score | validation AUC, correct vs random (95% CI) | vs wrong | solo: real − random (95% CI) |",
+                  "|---|---|---|---|"]
+        cis, wr, vr = _d(a.get("validation_auc_ci")), _d(a.get("validation_auc_vs_wrong")), _d(a.get("vs_random"))
+        for k in list(dict.fromkeys(list(_d(a.get("validation_auc"))) + list(vr))):
+            ci = cis.get(k) if isinstance(cis.get(k), list) else [None, None]
+            v = _d(vr.get(k))
+            lines.append(f"| {k} | {_fmt(_d(a.get('validation_auc')).get(k), '.2f')} "
+                         f"[{_fmt(ci[0], '.2f')}, {_fmt(ci[1], '.2f')}] | {_fmt(wr.get(k), '.2f')} | "
+                         f"{_fmt(v.get('diff'), '+.3f')} [{_fmt(v.get('ci_low'), '+.3f')}, {_fmt(v.get('ci_high'), '+.3f')}]"
+                         f" (n = {v.get('n', 0)}) |")
     lines += render_verdicts(summary)
     lines.append(END)
     return "\n".join(lines) + "\n"

@@ -328,6 +328,75 @@ def plot_score_density_diff(ax: Any, joint: Sequence[Any], solo: Sequence[Any], 
     return n
 
 
+def mean_ci(values: Sequence[Any]) -> tuple[float, float, int]:
+    """Mean and 95% t half-width of the finite values, and their count (nan, nan, n when n < 2)."""
+    from scipy import stats
+
+    x = np.asarray([v for v in values if v is not None], dtype=float)
+    x = x[np.isfinite(x)]
+    n = len(x)
+    if n < 2:
+        return (float(x.mean()) if n else float("nan")), float("nan"), n
+    return float(x.mean()), float(stats.t.ppf(0.975, n - 1) * x.std(ddof=1) / math.sqrt(n)), n
+
+
+def plot_autointerp_bars(ax: Any, rows: Sequence[Mapping[str, Any]]) -> list[int]:
+    """Figure 2 with error bars: per scorer, the mean score of solo and joint latents over the
+    matched pairs scored on both sides (95% t CI over pairs), each with its random-explanation
+    baseline (hatched) beside it.  ``rows``: dicts with ``scorer`` and the per-pair lists
+    ``joint``, ``solo``, ``joint_random``, ``solo_random`` (None = missing).  Returns n per scorer."""
+    ns = []
+    width = 0.2
+    for i, r in enumerate(rows):
+        j, so = np.asarray(r["joint"], dtype=float), np.asarray(r["solo"], dtype=float)
+        both = np.isfinite(j) & np.isfinite(so)
+        ns.append(int(both.sum()))
+        bars = [("solo", so[both], "C0", ""), ("solo, random expl.", r.get("solo_random", ()), "C0", "//"),
+                ("joint", j[both], "C1", ""), ("joint, random expl.", r.get("joint_random", ()), "C1", "//")]
+        for k, (label, vals, color, hatch) in enumerate(bars):
+            m, h, n = mean_ci(vals)
+            if n == 0:
+                continue
+            ax.bar(i + (k - 1.5) * width, m, width, yerr=None if math.isnan(h) else h, capsize=2,
+                   color=color if not hatch else "white", edgecolor=color, hatch=hatch,
+                   label=label if i == 0 else None)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([f"{r['scorer']}\nn = {n} pairs" for r, n in zip(rows, ns)], fontsize=8)
+    ax.axhline(0.5, color="0.5", lw=0.6, ls="--")
+    ax.set_ylim(-1.05 if any(str(r["scorer"]).startswith("simulation") for r in rows) else 0.0, 1.05)
+    ax.set_ylabel("mean score (95% CI over pairs)")
+    if rows:
+        ax.legend(fontsize=7, ncol=2)
+    return ns
+
+
+def plot_validation_auc(ax: Any, summary: Mapping[str, Mapping[str, Any]]) -> None:
+    """The judge validation set: per score, the AUC at telling correct from random and from
+    wrong-but-plausible explanations, with bootstrap 95% CIs; chance 0.5 dashed."""
+    keys = list(summary)
+    for k, (other, color) in enumerate((("random", "C2"), ("wrong", "C3"))):
+        labelled = False
+        for i, key in enumerate(keys):
+            v = summary[key].get(f"auc_vs_{other}")
+            ci = summary[key].get(f"auc_vs_{other}_ci")
+            if v is None:
+                continue
+            err = None if not ci else [[v - ci[0]], [ci[1] - v]]
+            ax.bar(i + (k - 0.5) * 0.38, v, 0.38, yerr=err, capsize=2, color=color,
+                   label=None if labelled else f"correct vs {other} explanation")
+            labelled = True
+    ax.set_xticks(range(len(keys)))
+    n = [summary[k].get("n_latents", 0) for k in keys]
+    ax.set_xticklabels([f"{k}\nn = {m}" for k, m in zip(keys, n)], fontsize=8)
+    ax.axhline(0.5, color="0.5", lw=0.6, ls="--")
+    ax.axhline(0.8, color="0.3", lw=0.6, ls=":")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("AUC over synthetic latents")
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(fontsize=7)
+
+
 def _log_phi_axis(ax: Any, edges: np.ndarray) -> None:
     ax.set_xscale("log")
     ax.set_xlim(edges[0], edges[-1])

@@ -32,7 +32,10 @@ has) and writes ``<dest>/summary.json``:
   token spliced, Delta |phi| along training and the selection (each as mean /
   se / n over the seeds, the Delta |phi| ones with the one-sample p against 0);
 * ``grid_first_seed``: every SAE of the first seed against its solo;
-* ``synthetic_verdict``: the sentence of ``07_synthetic``'s verdict table.
+* ``synthetic_verdict``: the sentence of ``07_synthetic``'s verdict table;
+* ``autointerp``: the judge, its AUC on the validation set (``validation_auc``:
+  score -> correct vs random explanations) and ``vs_random`` (score -> real minus
+  random-explanation score on the solo SAE's latents, with its 95% CI).
 
 A number that cannot be computed (a missing key or file, fewer than two seeds
 for a spread) is ``null``, never an error.  Seeds are JSON object keys, so
@@ -383,6 +386,39 @@ def comparisons(out: Path, seeds: Sequence[int]) -> dict[str, Any]:
     return res
 
 
+def autointerp_block(out: Path, seeds: Sequence[int]) -> dict[str, Any] | None:
+    """``judge``, ``validation_auc`` (score -> AUC of correct vs random explanations on the
+    validation set, with ``validation_auc_ci`` and ``validation_auc_vs_wrong``) and ``vs_random``
+    (score -> real minus random-explanation score on the solo SAE's latents: ``diff``,
+    ``ci_low``, ``ci_high``, ``n``, ``p``) of the first seed with autointerp; None without any."""
+    val = _read(Path(out) / "autointerp" / "validation_summary.json")
+    per_seed = None
+    for s in seeds:
+        per_seed = _read(Path(out) / f"seed{s}" / "autointerp" / "summary.json")
+        if isinstance(per_seed, dict):
+            seed = s
+            break
+    if not isinstance(val, dict) and not isinstance(per_seed, dict):
+        return None
+    judge = (val or per_seed or {}).get("judge") if isinstance(val or per_seed, dict) else None
+    vs = val.get("summary", {}) if isinstance(val, dict) else {}
+    res: dict[str, Any] = {
+        "judge": judge.get("model") if isinstance(judge, dict) else None,
+        "backend": judge.get("backend") if isinstance(judge, dict) else None,
+        "validation_latents": val.get("latents") if isinstance(val, dict) else None,
+        "validation_auc": {k: _num(v.get("auc_vs_random")) for k, v in vs.items()},
+        "validation_auc_ci": {k: v.get("auc_vs_random_ci") for k, v in vs.items()},
+        "validation_auc_vs_wrong": {k: _num(v.get("auc_vs_wrong")) for k, v in vs.items()},
+        "validation_speed": val.get("speed") if isinstance(val, dict) else None,
+        "vs_random": None, "seed": None, "n_pairs_scored": None, "joint_vs_solo": None,
+    }
+    if isinstance(per_seed, dict):
+        res.update(seed=seed, n_pairs_scored=per_seed.get("n_pairs_scored"),
+                   vs_random=(per_seed.get("vs_random") or {}).get("solo"),
+                   joint_vs_solo=per_seed.get("summary"))
+    return res
+
+
 def build_summary(out_dir: str | Path) -> dict[str, Any]:
     """The summary of the complete run in `out_dir` (see the module docstring)."""
     out = Path(out_dir)
@@ -410,6 +446,7 @@ def build_summary(out_dir: str | Path) -> dict[str, Any]:
         "comparisons": comparisons(out, seeds),
         "grid_first_seed": grid_first_seed(out, seeds),
         "synthetic_verdict": synthetic_verdict(out),
+        "autointerp": autointerp_block(out, seeds),
     }
 
 

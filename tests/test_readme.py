@@ -210,3 +210,31 @@ def test_verdicts_follow_the_numbers() -> None:
     # a missing headline leaves the claim out rather than inventing a verdict
     text = _verdicts(headline={"delta_phi_pct_mean": None})
     assert "Lower co-occurrence" not in text
+
+
+AUTOINTERP = {
+    "judge": "qwen2.5-coder-1.5b", "backend": "hf-local", "seed": 0, "n_pairs_scored": 10,
+    "validation_latents": ["digits", "comma", "lord"],
+    "validation_auc": {"fuzz": 0.91, "detection": 0.62, "embedding": 0.85},
+    "validation_auc_ci": {"fuzz": [0.8, 1.0], "detection": [0.4, 0.8], "embedding": [0.7, 0.95]},
+    "validation_auc_vs_wrong": {"fuzz": 0.7, "detection": 0.5, "embedding": 0.6},
+    "validation_speed": {"seconds": 300.0, "n_requests": 900, "requests_per_s": 3.0},
+    "vs_random": {"fuzz": {"diff": 0.12, "ci_low": 0.05, "ci_high": 0.19, "n": 10},
+                  "detection": {"diff": 0.02, "ci_low": -0.03, "ci_high": 0.07, "n": 10}},
+    "joint_vs_solo": {"fuzz": {"delta": -0.02, "p": 0.6, "n_pairs": 10, "mde": 0.11}},
+}
+
+
+def test_autointerp_block_and_verdicts() -> None:
+    block = readme.render_block({**SUMMARY, "autointerp": AUTOINTERP}, "results/default/summary.json")
+    assert "judge `qwen2.5-coder-1.5b` via hf-local; on the validation set it answered 900 requests in 300 s " \
+           "(3.00 per second)" in block
+    assert "| fuzz | 0.91 [0.80, 1.00] | 0.70 | +0.120 [+0.050, +0.190] (n = 10) |" in block
+    assert "| embedding | 0.85 [0.70, 0.95] | 0.60 | n/a [n/a, n/a] (n = 0) |" in block
+    assert ("tells the correct explanation from a random one with AUC >= 0.8 on fuzz (0.91), embedding (0.85); "
+            "detection 0.62 fall short.") in block
+    assert "beats a random one (95% CI of the difference above 0) on 1 of 2 scores: fuzz +0.120 [+0.050, +0.190]." \
+        in block
+    assert "fuzz -0.020 (p = 0.6, MDE 0.110); no score differs significantly." in block
+    # no autointerp in the run: nothing about it, and no invented verdict
+    assert "judge" not in readme.render_block(SUMMARY, "results/default/summary.json")

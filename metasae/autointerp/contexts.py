@@ -283,7 +283,8 @@ def grid_end(t: int, window: int, row_len: int) -> int:
 
 def build_latent_contexts(latent: int, firings: Firings, tokens_RT: Any, cfg: Any, rng: np.random.Generator, *,
                           sae: Any, acts_RTD: Any, thresholds_F: Any, mask_RT: Any = None,
-                          token_strings: TokenStrings | None = None, max_tries: int = 200) -> LatentContexts:
+                          token_strings: TokenStrings | None = None, max_tries: int = 200,
+                          window_acts: Any = None) -> LatentContexts:
     """The paper's context sets for one latent (paper-notes 5.2), or a skipped record with the reason.
 
     * eligible firings: positions t >= window - 1 (a full window ends at the firing token);
@@ -296,6 +297,9 @@ def build_latent_contexts(latent: int, firings: Firings, tokens_RT: Any, cfg: An
       Both are chunks of one fixed grid of ``window`` tokens per row (as delphi's), so the
       firing token sits wherever it falls in its chunk: a window that always ended at the
       firing token would tell a judge the label by the position of the highlight alone.
+
+    ``window_acts(windows) -> (n, window)`` replaces the SAE for the per-token activations
+    of the fuzz windows (the validation set's synthetic latents have no SAE).
     """
     W = int(cfg.window)
     rows, pos, vals = firings.of(latent)
@@ -315,7 +319,7 @@ def build_latent_contexts(latent: int, firings: Firings, tokens_RT: Any, cfg: An
         return out
     tokens = _np(tokens_RT)
     mask = np.ones((R, T), bool) if mask_RT is None else _np(mask_RT).astype(bool)
-    theta = float(_np(thresholds_F)[latent])
+    theta = float(_np(thresholds_F)[latent]) if thresholds_F is not None else 0.0
     strings = token_strings or TokenStrings()
     max_a = float(vals[elig].max())
     out.max_activation = max_a
@@ -363,7 +367,8 @@ def build_latent_contexts(latent: int, firings: Firings, tokens_RT: Any, cfg: An
         return out
 
     act_windows = [(int(rows[i]), grid_end(int(pos[i]), W, T)) for i, _ in sel_fuzz]
-    wa = window_activations(sae, theta, latent, acts_RTD, mask, act_windows, W)
+    wa = (window_acts(act_windows) if window_acts is not None
+          else window_activations(sae, theta, latent, acts_RTD, mask, act_windows, W))
     out.activating = []
     for j, (i, q) in enumerate(sel_fuzz):
         r, e = act_windows[j]

@@ -32,9 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
+from metasae.autointerp.judges import JUDGE_MODELS, ensure_judge
 from metasae.io import atomic_write_json
 
 Messages = list[dict[str, str]]
+MIN_SHARED_PREFIX = 16
+"""Tokens the prompts of a batch must share before their prefix is encoded once."""
 
 
 class LLMFailure(RuntimeError):
@@ -88,7 +91,8 @@ class _BatchByLoop:
 class HFLocalClient(_BatchByLoop):
     """A local causal LM with its chat template.
 
-    ``model`` is a registry name (loaded with ``metasae.activations.models.load_model``),
+    ``model`` is a packaged judge (:data:`metasae.autointerp.judges.JUDGE_MODELS`), a
+    subject-model registry name (loaded with ``metasae.activations.models.load_model``),
     a local folder of safetensors weights, or an already loaded ``nn.Module`` (then
     ``tokenizer`` is required).  Prompts of one batch are left-padded together.
     """
@@ -96,8 +100,8 @@ class HFLocalClient(_BatchByLoop):
     backend_id = "hf-local"
 
     def __init__(self, model: Any, tokenizer: Any = None, *, dtype: str = "bfloat16",
-                 batch_size: int = 8, model_id: str | None = None, top_logprobs: int = 20,
-                 always_logprobs: Sequence[str] = ("0", "1")):
+                 batch_size: int = 16, model_id: str | None = None, top_logprobs: int = 20,
+                 always_logprobs: Sequence[str] = tuple("0123456789"), share_prefix: bool = True):
         import torch
 
         torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
@@ -106,12 +110,13 @@ class HFLocalClient(_BatchByLoop):
                 raise ValueError("HFLocalClient: a tokenizer is required with a model object")
             self.model, self.tokenizer = model, tokenizer
             self.model_id = model_id or type(model).__name__
-        elif Path(str(model)).is_dir():
+        elif Path(str(model)).is_dir() or str(model) in JUDGE_MODELS:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            self.model = AutoModelForCausalLM.from_pretrained(str(model), use_safetensors=True, dtype=torch_dtype)
-            self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(model))
-            self.model_id = model_id or Path(str(model)).name
+            folder = ensure_judge(str(model)) if str(model) in JUDGE_MODELS else Path(str(model))
+            self.model = AutoModelForCausalLM.from_pretrained(str(folder), use_safetensors=True, dtype=torch_dtype)
+            self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(folder))
+            self.model_id = model_id or (str(model) if str(model) in JUDGE_MODELS else folder.name)
         else:
             from metasae.activations.models import load_model  # lazy: heavy imports
 
@@ -122,9 +127,11 @@ class HFLocalClient(_BatchByLoop):
             self.model = self.model.to(torch_dtype)
         self.model.eval()
         self.batch_size = batch_size
+        self.share_prefix = share_prefix
         self.top_logprobs = top_logprobs
-        # The judges' 1/0 answers: their first-token log-probabilities are always reported,
-        # even outside the top-k, so that P("1") vs P("0") never falls back to the text.
+        # The judges' answers (1/0, and the 0-9 of the simulator): their first-token
+        # log-probabilities are always reported, even outside the top-k, so that P("1") vs
+        # P("0") or the expected digit never falls back to the text.
         self._always: dict[int, str] = {}
         for s in always_logprobs:
             ids = self.tokenizer.encode(s, add_special_tokens=False)
@@ -150,11 +157,73 @@ class HFLocalClient(_BatchByLoop):
             out.extend(self._generate_chunk(batch[i:i + self.batch_size], max_new_tokens, temperature, want_logprobs))
         return out
 
+    def _completion(self, logits_V: Any, text: str | None, want_logprobs: bool) -> Completion:
+        """A completion whose first token has ``logits_V`` (text: that token unless given)."""
+        import torch
+
+        tok = self.tokenizer
+        lp = torch.log_softmax(logits_V.float(), dim=-1)
+        if text is None:
+            text = tok.decode([int(lp.argmax())], skip_special_tokens=True).strip()
+        lps = None
+        if want_logprobs:
+            top = torch.topk(lp, self.top_logprobs)
+            lps = {}
+            pairs = list(zip(top.values.tolist(), top.indices.tolist()))
+            pairs += [(float(lp[idx]), idx) for idx in self._always]
+            for v, idx in pairs:
+                s = tok.decode([idx])
+                lps[s] = max(lps.get(s, -math.inf), v)
+        return Completion(text=text, first_token_logprobs=lps)
+
+    def _first_token_chunk(self, batch: Sequence[Messages]) -> list[Completion] | None:
+        """One-token answers with their log-probabilities, the prompts' shared prefix run once.
+
+        The judges' prompts of one latent differ only after the explanation, so the
+        system prompt and the explanation (most of each prompt) are encoded once and
+        their key/value cache is shared by the batch; each prompt's own tail is
+        right-padded (a causal model never looks at the padding after a token).
+        Returns None when the prompts share too little for this to pay.
+        """
+        import torch
+
+        tok = self.tokenizer
+        ids = [tok(self._prompt(m), add_special_tokens=False)["input_ids"] for m in batch]
+        P = min(len(x) for x in ids) - 1
+        for x in ids[1:]:
+            n = next((j for j, (a, b) in enumerate(zip(ids[0][:P], x[:P])) if a != b), P)
+            P = min(P, n)
+        if P < MIN_SHARED_PREFIX or len(batch) < 2:
+            return None
+        B = len(batch)
+        tails = [x[P:] for x in ids]
+        L = max(len(t) for t in tails)
+        pad = tok.pad_token_id
+        suf = torch.tensor([t + [pad] * (L - len(t)) for t in tails])
+        mask = torch.tensor([[1] * (P + len(t)) + [0] * (L - len(t)) for t in tails])
+        import inspect
+
+        # transformers renamed the forward's ``past_key_values`` to ``cache`` (5.2x)
+        kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        with torch.no_grad():
+            first = self.model(input_ids=torch.tensor([ids[0][:P]]), use_cache=True)
+            cache = getattr(first, "past_key_values", None) or getattr(first, "cache")
+            cache.batch_repeat_interleave(B)
+            pos = (P + torch.arange(L)).unsqueeze(0).expand(B, L)
+            logits = self.model(input_ids=suf, attention_mask=mask, position_ids=pos, use_cache=True,
+                                **{kw: cache}).logits
+        last = torch.tensor([len(t) - 1 for t in tails])
+        return [self._completion(logits[b, last[b]], None, True) for b in range(B)]
+
     def _generate_chunk(self, batch: Sequence[Messages], max_new_tokens: int, temperature: float,
                         want_logprobs: bool) -> list[Completion]:
         import torch
         from transformers import GenerationConfig
 
+        if max_new_tokens == 1 and temperature <= 0 and want_logprobs and self.share_prefix:
+            done = self._first_token_chunk(batch)
+            if done is not None:
+                return done
         tok = self.tokenizer
         old_side = tok.padding_side
         tok.padding_side = "left"
@@ -173,17 +242,10 @@ class HFLocalClient(_BatchByLoop):
         completions = []
         for b in range(len(batch)):
             text = tok.decode(new[b], skip_special_tokens=True).strip()
-            lps = None
             if want_logprobs:
-                lp = torch.log_softmax(res.logits[0][b].float(), dim=-1)
-                top = torch.topk(lp, self.top_logprobs)
-                lps = {}
-                pairs = list(zip(top.values.tolist(), top.indices.tolist()))
-                pairs += [(float(lp[idx]), idx) for idx in self._always]
-                for v, idx in pairs:
-                    s = tok.decode([idx])
-                    lps[s] = max(lps.get(s, -math.inf), v)
-            completions.append(Completion(text=text, first_token_logprobs=lps))
+                completions.append(self._completion(res.logits[0][b], text, True))
+            else:
+                completions.append(Completion(text=text))
         return completions
 
 

@@ -3,8 +3,8 @@
 :func:`score_latents` writes one JSON file per (SAE, latent) as soon as that
 latent is done, so a long run that dies resumes where it stopped; LLM failures
 are recorded as missing (and counted), never as scores, and the run completes.
-Each latent is also scored with a *random* explanation (another latent's, or
-its own words shuffled) on the very same examples, so every table can show
+Each latent is also scored with a *random* explanation (another latent's of the
+same SAE, or one of :data:`RANDOM_EXPLANATIONS`) on the very same examples, so every table can show
 whether the judge beats chance.  :func:`summarize_pairs` is the paper's paired
 comparison over matched joint/solo latents (``scipy.stats.ttest_rel``).
 """
@@ -21,10 +21,37 @@ import numpy as np
 from metasae.autointerp.contexts import LatentContexts
 from metasae.autointerp.explain import explain_latent
 from metasae.autointerp.llm import LLMFailure
-from metasae.autointerp.scorers import SCORERS, shuffled_explanation
+from metasae.autointerp.scorers import SCORERS
 from metasae.io import atomic_write_json
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2
+
+RANDOM_EXPLANATIONS: tuple[str, ...] = (
+    "Names of months and days of the week.", "Words about music, songs and instruments.",
+    "HTML tags and markup.", "Verbs in the past tense.", "Mentions of money, prices and payment.",
+    "Adjectives describing colour.", "Names of cities and countries.", "Words about food and eating.",
+    "The first word of a quotation.", "Tokens inside a URL or a file path.", "Expressions of time such as 'later'.",
+    "Words related to illness and healing.", "Superlative adjectives ending in -est.",
+    "References to animals such as sheep, lions or birds.", "Question words like 'why' and 'how'.",
+    "Negations such as 'not' and 'never'.", "Terms from mathematics such as 'sum' or 'integer'.",
+    "Plural nouns.", "Words about war, battles and soldiers.", "Words about ships and sailing.",
+    "Mentions of light, fire and brightness.", "The end of a line of code.", "Keyword arguments in function calls.",
+    "Words expressing emotion, such as joy or anger.", "Units of measurement.", "Modal verbs like 'should' and 'may'.",
+    "Words about buildings, houses and walls.", "Exception and error names in programming.",
+    "Words related to travel and journeys.", "Ordinal numbers such as 'first' and 'third'.",
+    "Words about cooking and kitchens.", "Words about law, judges and courts.",
+    "Comparisons using 'like' or 'as'.", "Tokens that begin a new paragraph.", "Names of programming languages.",
+    "Words related to sleep and night.", "Weather words such as rain, wind and cloud.",
+    "Possessive pronouns like 'his' and 'their'.", "Words about computers and memory.",
+    "Abbreviations written in capital letters.", "Words about plants, trees and seeds.",
+    "Verbs of motion such as 'go', 'come' and 'run'.", "Words about writing, books and letters.",
+    "The second half of a hyphenated word.", "Words describing size, such as 'great' or 'small'.",
+    "Mentions of gold, silver and precious stones.", "Words about teaching and learning.",
+    "Quotation marks.", "Words ending in -ly.", "Terms about files, directories and paths.",
+)
+"""The random-explanation pool: a latent's random baseline is drawn from this list and from the
+other latents of the same SAE (never its matched partner's, which explains the same direction).
+None of them describes a class of the judge validation set."""
 
 
 def record_path(out_dir: str | Path, sae_name: str, latent: int) -> Path:
@@ -115,11 +142,8 @@ def score_latents(sae_name: str, latents: Sequence[int], contexts: dict[int, Lat
         if random_baseline:
             rrng = np.random.default_rng([seed, i, 1])
             others = sorted(j for j in pool if j != i)
-            if others:
-                j = int(others[int(rrng.integers(len(others)))])
-                rec["random_explanation"], rec["random_source"] = pool[j], f"latent {j}"
-            else:
-                rec["random_explanation"], rec["random_source"] = shuffled_explanation(expl, rrng), "shuffled"
+            cands = [(pool[j], f"latent {j}") for j in others] + [(e, "pool") for e in RANDOM_EXPLANATIONS]
+            rec["random_explanation"], rec["random_source"] = cands[int(rrng.integers(len(cands)))]
         for s in scorers:
             res = SCORERS[s](client, expl, ctx, np.random.default_rng([seed, i, 2]), cfg)
             rec["scores"][s] = res["score"]
@@ -154,9 +178,12 @@ def summarize_pairs(records_joint: Sequence[dict[str, Any]], records_solo: Seque
 
     Pairs where either score is missing are dropped and counted (``n_dropped``).
     ``pct`` = 100 * (mean_joint - mean_solo) / |mean_solo|; ``t``, ``p`` from
-    ``scipy.stats.ttest_rel``; the random-explanation means show the chance level.
+    ``scipy.stats.ttest_rel``; ``mde`` the minimum detectable mean difference (paired,
+    alpha 0.05, power 0.8, from the pairs' SD); the random-explanation means show the chance level.
     """
     from scipy.stats import ttest_rel
+
+    from metasae.summary import mde
 
     if len(records_joint) != len(records_solo):
         raise ValueError(f"records differ in length ({len(records_joint)} joint, {len(records_solo)} solo)")
@@ -173,7 +200,7 @@ def summarize_pairs(records_joint: Sequence[dict[str, Any]], records_solo: Seque
         so = np.array([b for _, b in ok], dtype=float)
         res: dict[str, Any] = {"n_pairs": len(ok), "n_dropped": len(pairs) - len(ok),
                                "mean_joint": None, "mean_solo": None, "delta": None, "pct": None,
-                               "t": None, "p": None, "frac_joint_gt_solo": None}
+                               "t": None, "p": None, "frac_joint_gt_solo": None, "mde": None}
         if ok:
             mj, ms = float(j.mean()), float(so.mean())
             res.update(mean_joint=mj, mean_solo=ms, delta=mj - ms,
@@ -182,10 +209,38 @@ def summarize_pairs(records_joint: Sequence[dict[str, Any]], records_solo: Seque
             if len(ok) >= 2 and np.any(j - so != 0):
                 t = ttest_rel(j, so)
                 res["t"], res["p"] = _num(t.statistic), _num(t.pvalue)
+            # the smallest joint - solo difference these pairs detect (alpha 0.05, power 0.8)
+            res["mde"] = mde(list(j - so))
         for name, recs in (("joint", records_joint), ("solo", records_solo)):
             rv = [r.get("random_scores", {}).get(s) for r in recs]
             rv = [v for v in rv if v is not None]
             res[f"mean_random_{name}"] = float(np.mean(rv)) if rv else None
+        out[s] = res
+    return out
+
+
+def summarize_vs_random(records: Sequence[dict[str, Any]], scorers: Sequence[str] | None = None,
+                        ) -> dict[str, dict[str, Any]]:
+    """Per score key: mean of (real - random-explanation score) over the latents that have both,
+    with its 95% t CI (``diff``, ``ci_low``, ``ci_high``, ``n``, ``p``): does the judge beat chance?"""
+    from scipy import stats
+
+    if scorers is None:
+        scorers = []
+        for r in records:
+            scorers += [s for s in r.get("random_scores", {}) if s not in scorers]
+    out: dict[str, dict[str, Any]] = {}
+    for s in scorers:
+        d = np.array([r["scores"][s] - r["random_scores"][s] for r in records
+                      if r.get("scores", {}).get(s) is not None and r.get("random_scores", {}).get(s) is not None])
+        res: dict[str, Any] = {"n": int(len(d)), "diff": float(d.mean()) if len(d) else None,
+                               "ci_low": None, "ci_high": None, "p": None}
+        if len(d) >= 2:
+            se = float(d.std(ddof=1) / math.sqrt(len(d)))
+            h = float(stats.t.ppf(0.975, len(d) - 1)) * se
+            res.update(ci_low=res["diff"] - h, ci_high=res["diff"] + h)
+            if se > 1e-12 * max(1.0, abs(res["diff"])):  # constant differences: no test
+                res["p"] = _num(stats.ttest_1samp(d, 0.0).pvalue)
         out[s] = res
     return out
 

@@ -1,4 +1,4 @@
-"""Scoring an explanation (SPEC 3.7).  Three scorers, each clearly named:
+"""Scoring an explanation (SPEC 3.7).  Four scorers, each clearly named:
 
 * ``fuzz`` (Paulo et al. 2024 / EleutherAI delphi, what the paper *describes*):
   activating examples with every token >= 0.3 x the example's max wrapped in
@@ -11,6 +11,9 @@
   answer is missing (None).
 * ``detection``: activating and random non-activating passages; the judge says
   1/0 whether the explanation applies; balanced accuracy.
+
+* ``embedding`` (delphi's): cosine similarity of sentence embeddings of the
+  explanation and of activating / non-activating passages; ROC AUC, no LLM.
 
 The parsers and metrics are pure functions.  A backend failure
 (:class:`LLMFailure`) makes that scorer's score missing (``failed: True``);
@@ -221,6 +224,11 @@ DETECTION_SYSTEM = (
     "Answer with the digit only."
 )
 
+SIMULATION_EV_SYSTEM = (
+    "You are a precise scientific assistant who predicts how strongly a feature of a language model "
+    "fires on one token, given a description of the feature. You answer with a single digit only."
+)
+
 SIMULATION_SYSTEM = (
     "You are a precise scientific assistant who predicts how strongly a feature of a language model "
     "fires, given a description of the feature. You answer with a JSON array only."
@@ -318,10 +326,50 @@ def score_detection(client: Any, explanation: str, ctx: LatentContexts, rng: np.
     return _binary_score(client, explanation, detection_items(ctx), detection_messages)
 
 
+def expected_digit(comp: Completion | None) -> float | None:
+    """Expected value of the first answer token over the digits 0-9 (its log-probabilities), or None."""
+    if comp is None or not comp.first_token_logprobs:
+        return None
+    w = np.zeros(10)
+    for tok, v in comp.first_token_logprobs.items():
+        k = tok.strip()
+        if len(k) == 1 and k.isdigit() and v is not None and not math.isnan(v):
+            w[int(k)] += math.exp(float(v))
+    return float((w * np.arange(10)).sum() / w.sum()) if w.sum() > 0 else None
+
+
+def simulation_ev_messages(explanation: str, text: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": SIMULATION_EV_SYSTEM},
+            {"role": "user", "content": f"Feature description: {explanation}\n\nExample: {text}\n\n"
+                                        "How strongly does the feature fire on the final token, marked <<like this>>, "
+                                        "from 0 (not at all) to 9 (as strongly as it ever does)? Answer with one digit."}]
+
+
+def _simulation_logprob(client: Any, explanation: str, exs: Sequence[Example]) -> dict[str, Any]:
+    batch = [simulation_ev_messages(explanation, example_text(ex, mark_final=True)) for ex in exs]
+    outs = client.generate_batch(batch, 1, temperature=0.0, want_logprobs=True)
+    fails = [o for o in outs if isinstance(o, LLMFailure)]
+    actual = [float(e.activation) for e in exs]
+    if fails:
+        return {"score": None, "failed": True, "error": str(fails[0]), "n": len(exs), "mode": "logprob"}
+    pred = [expected_digit(o) for o in outs]
+    parsed = all(p is not None for p in pred)
+    return {"score": spearman_score(actual, pred if parsed else None), "failed": False, "n": len(exs),
+            "parsed": parsed, "actual": actual, "predicted": pred, "mode": "logprob"}
+
+
 def score_simulation(client: Any, explanation: str, ctx: LatentContexts, rng: np.random.Generator,
                      cfg: Any = None) -> dict[str, Any]:
-    """The paper's code: Spearman rho between actual and predicted 0-10 activations of the held-out set."""
+    """Spearman rho between actual and predicted activations of the held-out simulation set.
+
+    ``cfg.simulation_mode`` "json" is the paper's code (one prompt, a JSON array of 0-10
+    predictions); "logprob" asks one one-digit question per example and takes the expected
+    digit under the judge's first-token probabilities (as OpenAI's simulator does): no
+    generation, nothing to parse, and the examples of one latent share their prompt prefix.
+    """
     exs = ctx.simulation
+    if getattr(cfg, "simulation_mode", "json") == "logprob":
+        return _simulation_logprob(client, explanation, exs)
     # a JSON array of n integers 0-10 takes about 3n tokens; a model that rambles is cut there
     max_tokens = max(SIMULATION_MIN_TOKENS, 4 * len(exs) + 16, int(getattr(cfg, "max_new_tokens", 0) or 0))
     try:
@@ -334,8 +382,17 @@ def score_simulation(client: Any, explanation: str, ctx: LatentContexts, rng: np
             "actual": actual, "predicted": pred}
 
 
+def score_embedding(client: Any, explanation: str, ctx: LatentContexts, rng: np.random.Generator,
+                    cfg: Any = None) -> dict[str, Any]:
+    """delphi's embedding scorer (:mod:`metasae.autointerp.embedding`): no LLM, ROC AUC (chance 0.5)."""
+    from metasae.autointerp.embedding import score_embedding as _score
+
+    return _score(client, explanation, ctx, rng, cfg)
+
+
 SCORERS: dict[str, Callable[..., dict[str, Any]]] = {
     "simulation": score_simulation,
     "fuzz": score_fuzz,
     "detection": score_detection,
+    "embedding": score_embedding,
 }
