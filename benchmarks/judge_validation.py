@@ -66,7 +66,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         recs = score_validation(ctxs, client, cfg, d, progress=False)
     t_score = time.time() - t1
-    res = {"judge": model, "profile": prof.name, "latents": list(ctxs), "n_prompts": n_prompts,
+    # the shared-prefix path against encoding every prompt whole, on one latent's detection
+    # prompts (the same requests, timed back to back)
+    from metasae.autointerp.scorers import detection_items, detection_messages
+
+    first = next(iter(ctxs.values()))
+    batch = [detection_messages("Numbers written with digits.", t) for t, _ in detection_items(first)]
+    timing = {}
+    for share in (True, False):
+        client.share_prefix = share
+        t2 = time.perf_counter()
+        inner(batch, 1, 0.0, True)
+        timing["shared" if share else "whole"] = time.perf_counter() - t2
+    client.share_prefix = True
+    res = {"judge": model, "shared_prefix_speedup": timing["whole"] / timing["shared"], "prefix_timing_s": timing, "profile": prof.name, "latents": list(ctxs), "n_prompts": n_prompts,
            "prompt_tokens": n_tokens, "score_seconds": t_score, "prompts_per_s": n_prompts / t_score,
            "prompt_tokens_per_s": n_tokens / t_score, "threads": a.threads,
            "summary": summarize_validation(recs), "n_failed": sum(r["n_failed"] for r in recs),

@@ -260,8 +260,8 @@ if len(ai):
         ai_rows.append({"scorer": scorer, "n_seeds": len(gg), "pairs_per_seed": int(gg.n_pairs.mean()),
                         "mean_joint": gg.mean_joint.astype(float).mean(), "mean_solo": gg.mean_solo.astype(float).mean(),
                         "delta_mean": d.mean(), "delta_se": d.sem() if len(d) > 1 else float("nan"),
-                        "random_explanation_mean": gg.mean_random_joint.astype(float).mean()})
+                        "random_explanation_mean_solo": gg.mean_random_solo.astype(float).mean()})
     save_table(ai_rows, "autointerp_seeds", ctx.out,
                caption="Autointerp over seeds: per-seed mean scores on matched pairs, the joint - solo difference "
-                       "(mean ± SE over seeds), and the random-explanation mean (chance check)")
+                       "(mean ± SE over seeds), and the solo latents' random-explanation mean (chance check)")
     display(pd.DataFrame(ai_rows))
