@@ -207,7 +207,7 @@ class HFLocalClient(_BatchByLoop):
         kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         with torch.no_grad():
             first = self.model(input_ids=torch.tensor([ids[0][:P]]), use_cache=True)
-            cache = getattr(first, "past_key_values", None) or getattr(first, "cache")
+            cache = first.get("cache") if first.get("cache") is not None else first.get("past_key_values")
             cache.batch_repeat_interleave(B)
             pos = (P + torch.arange(L)).unsqueeze(0).expand(B, L)
             logits = self.model(input_ids=suf, attention_mask=mask, position_ids=pos, use_cache=True,
