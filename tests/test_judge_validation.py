@@ -361,3 +361,15 @@ def test_random_pool_never_describes_a_validation_class():
 
     for word in ("water", "family", "body", "king", "digit", "comma"):
         assert not any(re.search(rf"\b{word}", e.lower()) for e in RANDOM_EXPLANATIONS), word
+
+
+def test_pre_setup_check_does_not_need_the_judge(monkeypatch, tmp_path):
+    """run_all.sh validates its input with --check before the setup installs the judge."""
+    from metasae import harness
+
+    monkeypatch.setattr(judges, "_module_dir", lambda dist: None)
+    parser = harness.build_parser("t")
+    argv = ["--profile", "default", "--out", str(tmp_path / "o"), "--figures", str(tmp_path / "f")]
+    assert harness.plan_from_args(parser.parse_args(argv + ["--check"])).profile.name == "default"
+    with pytest.raises(harness.HarnessError, match="not installed"):
+        harness.plan_from_args(parser.parse_args(argv))
