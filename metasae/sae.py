@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -192,6 +192,9 @@ class BatchTopKSAE(nn.Module):
         self.register_buffer("threshold", torch.tensor(-1.0))
         # inputs since each latent last fired (dead-latent bookkeeping, in tokens)
         self.register_buffer("since_fired_F", torch.zeros(n, dtype=torch.long))
+        self.dist: Any = None
+        """A :class:`metasae.distributed.DistContext` under data parallelism: training selects
+        BatchTopK over the global batch and keeps the counters global (None: one process)."""
 
     # -- normalisation ----------------------------------------------------
     def standardize(self, x_BD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -237,6 +240,25 @@ class BatchTopKSAE(nn.Module):
         f_idx = flat - b_idx * n
         return Selection(b_idx, f_idx, _bag_offsets(b_idx, B))
 
+    def _select_train(self, pre_BF: Tensor) -> Selection:
+        """BatchTopK of the training step: over the whole global batch under data parallelism
+        (every rank sends its top k x B_global values, all find the same global threshold,
+        each keeps its entries at or above it), else :meth:`select`."""
+        d = self.dist
+        if d is None or d.world_size == 1:
+            return self.select(pre_BF)
+        B, n = pre_BF.shape
+        K = self.cfg.k * B * d.world_size  # the global budget
+        kk = min(K, B * n)  # no rank can hold more of the global top K than this
+        loc = _topk_flat_indices(pre_BF, kk)
+        vals = pre_BF.reshape(-1)[loc].float()
+        allv = d.all_gather_cat(vals)
+        t = torch.topk(allv, min(K, allv.numel()), sorted=False).values.min()
+        flat, _ = torch.sort(loc[vals >= t])
+        b_idx = torch.div(flat, n, rounding_mode="floor")
+        f_idx = flat - b_idx * n
+        return Selection(b_idx, f_idx, _bag_offsets(b_idx, B))
+
     def batch_topk_mask(self, pre_BF: Tensor) -> Tensor:
         sel = self.select(pre_BF)
         mask = torch.zeros_like(pre_BF, dtype=torch.bool)
@@ -259,13 +281,20 @@ class BatchTopKSAE(nn.Module):
         x_n, mu, std = x_norm if x_norm is not None else self.standardize(x_BD.float())
         B = x_n.shape[0]
         pre = self._pre_from_normalized(x_n, autocast, keep_dtype=True)
-        sel = self.select(pre)
+        sel = self._select_train(pre) if update_stats else self.select(pre)
         vals = _GatherPre.apply(self.W_enc_DF, self.b_dec_D, pre, x_n, sel.b_idx, sel.f_idx)
         x_hat_n = self._decode_sparse(sel.f_idx, sel.offsets, vals, self.W_dec_FD) + self.b_dec_D
         mse = (x_hat_n - x_n).pow(2).mean()
 
         positive = vals.detach() > 0
-        min_kept = float(vals.detach()[positive].min()) if bool(positive.any()) else 0.0
+        any_positive = bool(positive.any())
+        min_kept = float(vals.detach()[positive].min()) if any_positive else 0.0
+        d = self.dist if update_stats else None
+        if d is not None and d.world_size > 1:  # global over ranks: the smallest kept value, fired latents
+            m = d.all_reduce_(torch.tensor([min_kept if any_positive else math.inf], dtype=torch.float64,
+                                           device=vals.device), "min")
+            any_positive = bool(torch.isfinite(m).all())
+            min_kept = float(m) if any_positive else 0.0
         dead_F = self.since_fired_F >= self.cfg.dead_after_tokens
         n_dead = int(dead_F.sum())
         aux = mse.new_zeros(())
@@ -275,9 +304,11 @@ class BatchTopKSAE(nn.Module):
             with torch.no_grad():
                 fired_F = torch.zeros_like(dead_F)
                 fired_F[sel.f_idx[positive]] = True
-                self.since_fired_F += B
+                if d is not None and d.world_size > 1:
+                    fired_F = d.all_reduce_(fired_F.to(torch.uint8), "max").bool()
+                self.since_fired_F += B * (d.world_size if d is not None else 1)
                 self.since_fired_F[fired_F] = 0
-                if bool(positive.any()):
+                if any_positive:
                     if float(self.threshold) < 0:
                         self.threshold.fill_(min_kept)
                     else:

@@ -18,6 +18,10 @@ step folder and then ``trainer.json`` is replaced atomically; rerunning the
 same call after a kill continues from the last commit and ends with weights
 identical to an uninterrupted run (same data order, optimiser and generator
 state restored; on CPU with the same thread count).
+
+Data parallel under ``torchrun`` (``dist``, :mod:`metasae.distributed`): every rank
+trains the same SAEs on its rows of each global batch, with BatchTopK over the
+global batch and gradients averaged; rank 0 writes the checkpoints.
 """
 
 from __future__ import annotations
@@ -104,7 +108,7 @@ class FanOutTrainer:
 
     def __init__(self, sae_cfg: SAEConfig, meta_cfg: MetaConfig, train_cfg: TrainConfig, runs: list[RunSpec],
                  ckpt_root: str | Path | None = None, progress: bool = True, desc: str = "train",
-                 rebuild_hint: str = "", export_metadata: dict[str, Any] | None = None):
+                 rebuild_hint: str = "", export_metadata: dict[str, Any] | None = None, dist: Any = None):
         sae_cfg.validate("sae")
         train_cfg.validate("train")
         if not runs:
@@ -136,10 +140,17 @@ class FanOutTrainer:
         part of the fingerprint: a new git commit does not invalidate a resume."""
         self.autocast = train_cfg.autocast == "bfloat16"
         self.device = resolve_device(train_cfg.device)
+        self.dist = dist if dist is not None and dist.world_size > 1 else None
+        """Data parallelism (:mod:`metasae.distributed`): every batch is this rank's
+        ``batch_size / world_size`` rows of the global batch; None: one process."""
+        if self.dist is not None and train_cfg.batch_size % self.dist.world_size:
+            raise ConfigError(f"train.batch_size ({train_cfg.batch_size}) must be a multiple of the number of "
+                              f"processes ({self.dist.world_size}): it is the global batch")
 
     # -- construction -------------------------------------------------------
     def _fresh_state(self, spec: RunSpec) -> RunState:
         primary = BatchTopKSAE(self.sae_cfg, seed=spec.seed).to(self.device)
+        primary.dist = self.dist  # the meta SAE reads the identical decoder on every rank: no collectives
         st = RunState(spec, primary, _adam(primary.parameters(), self.sae_cfg))
         if spec.kind == "joint":
             mcfg = meta_sae_config(self.sae_cfg, self.meta_cfg, spec.meta_latents or None)
@@ -178,6 +189,15 @@ class FanOutTrainer:
     def _commit(self, states: list[RunState], step: int, n_steps: int, complete: bool) -> None:
         if self.ckpt_root is None:
             return
+        if self.dist is not None:  # rank 0 writes; the others wait until the commit is complete
+            if self.dist.is_main:
+                self._write_commit(states, step, n_steps, complete)
+            self.dist.barrier()
+            return
+        self._write_commit(states, step, n_steps, complete)
+
+    def _write_commit(self, states: list[RunState], step: int, n_steps: int, complete: bool) -> None:
+        assert self.ckpt_root is not None
         for st in states:
             write_run_step(self.ckpt_root / st.spec.name, step, st.spec, st.primary, st.opt, st.meta, st.meta_opt,
                            st.generator, st.history, {"last_meta_mse": st.last_meta_mse,
@@ -254,8 +274,10 @@ class FanOutTrainer:
                 if x.ndim != 2 or x.shape[1] != self.sae_cfg.d_in:
                     raise TrainingError(f"batch at step {step} has shape {tuple(x.shape)}; "
                                         f"expected (batch, {self.sae_cfg.d_in}) to match sae.d_in")
-                if x.shape[0] != B:
-                    raise TrainingError(f"batch at step {step} has {x.shape[0]} rows; expected train.batch_size={B}")
+                B_rank = B // self.dist.world_size if self.dist is not None else B
+                if x.shape[0] != B_rank:
+                    raise TrainingError(f"batch at step {step} has {x.shape[0]} rows; expected train.batch_size={B}"
+                                        + (f" / {self.dist.world_size} processes" if self.dist is not None else ""))
                 x = x.to(self.device, non_blocking=True).float()
                 if not bool(torch.isfinite(x).all()):
                     raise TrainingError(f"non-finite activations in the training batch at step {step}")
@@ -274,7 +296,7 @@ class FanOutTrainer:
                     bar.set_postfix(tok_s=f"{tok_s:,.0f}")
                 bar.update(1)
                 done = step + 1
-                if done in snapshot_steps and self.ckpt_root is not None:
+                if done in snapshot_steps and self.ckpt_root is not None and (self.dist is None or self.dist.is_main):
                     for st in states:
                         if st.spec.name in snapshot_runs:
                             write_snapshot(self.ckpt_root / st.spec.name, done, st.primary)
@@ -310,13 +332,20 @@ class FanOutTrainer:
             raise TrainingError(f"non-finite loss in run {spec.name} at primary step {step} (stage: training)")
         st.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self.dist is not None:  # the gradient of the global mean loss
+            self.dist.all_reduce_mean_([p.grad for p in sae.parameters()])
         sae.remove_parallel_grad()
         st.opt.step()
         sae.normalize_decoder()
         if record:
+            loss_v, mse_v, aux_v, l0_v = float(loss.detach()), float(out.mse.detach()), float(out.aux.detach()), out.l0
+            if self.dist is not None:  # the history holds global means (equal shards: the mean of the ranks')
+                vals = torch.tensor([loss_v, mse_v, aux_v, l0_v], dtype=torch.float64)
+                self.dist.all_reduce_mean_([vals])
+                loss_v, mse_v, aux_v, l0_v = (float(v) for v in vals)
             st.history.append({
-                "step": step + 1, "tokens": (step + 1) * x.shape[0], "loss": float(loss.detach()),
-                "mse": float(out.mse.detach()), "aux": float(out.aux.detach()), "l0": out.l0,
+                "step": step + 1, "tokens": (step + 1) * self.train_cfg.batch_size, "loss": loss_v,
+                "mse": mse_v, "aux": aux_v, "l0": l0_v,
                 "n_dead": out.n_dead, "threshold": float(sae.threshold), "penalty": pen_val,
                 "meta_mse": st.last_meta_mse,
             })
