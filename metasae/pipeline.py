@@ -116,8 +116,12 @@ def ckpt_root(ctx: RunContext, seed: int) -> Path:
     return paths.seed_dir(ctx.out, seed) / "checkpoints"
 
 
-def train_seed(ctx: RunContext, seed: int, progress: bool = True) -> dict[str, TrainedRun]:
-    """Train (or resume, or load) every SAE of `seed` from one pass of the activation stream."""
+def train_seed(ctx: RunContext, seed: int, progress: bool = True, dist: Any = None) -> dict[str, TrainedRun]:
+    """Train (or resume, or load) every SAE of `seed` from one pass of the activation stream.
+
+    ``dist`` (:func:`metasae.distributed.init`, under torchrun): data parallel; rank 0 builds
+    the activation cache while the others wait, and every rank trains on its rows of each
+    global batch (a streamed split is harvested whole on every rank)."""
     from metasae.trainer import FanOutTrainer
 
     p = ctx.profile
@@ -129,7 +133,12 @@ def train_seed(ctx: RunContext, seed: int, progress: bool = True) -> dict[str, T
         return _TRAINED[key]
     tr = read_trainer(root)
     if tr is None or not tr.get("complete"):
-        cache = ensure_activations(ctx, progress=progress)
+        main = dist is None or dist.is_main
+        if not main:
+            dist.barrier()  # rank 0 builds (or checks) the cache first
+        cache = ensure_activations(ctx, progress=progress and main)
+        if dist is not None and main:
+            dist.barrier()
         B = p.train.batch_size
         cut = cache.massive_norm(p.data.massive_norm_ratio)
         if cache.streamed("train"):
@@ -141,11 +150,17 @@ def train_seed(ctx: RunContext, seed: int, progress: bool = True) -> dict[str, T
                 return cache.iter_batches("train", B, seed=seed, epochs=p.train.epochs, start_batch=start,
                                           exclude_above=cut)
 
+        if dist is not None:
+            whole = batches
+
+            def batches(start: int):  # this rank's rows of each global batch
+                return (dist.shard(x) for x in whole(start))
+
         def calib():  # held-out tokens for the inference threshold (L0 = k on them)
             return cache.valid_acts("calib", B)
 
         commit, dirty = git_state()
-        trainer = FanOutTrainer(p.sae, p.meta, p.train, runs, ckpt_root=root, progress=progress,
+        trainer = FanOutTrainer(p.sae, p.meta, p.train, runs, ckpt_root=root, progress=progress and main, dist=dist,
                                 desc=f"seed {seed}: {len(runs)} SAEs", rebuild_hint=_rebuild_hint(ctx, root),
                                 export_metadata=saelens_export_metadata(p, cache.manifest["bos_token_id"], cut,
                                                                         commit, dirty))

@@ -186,3 +186,72 @@ def test_shard_and_batch_size_must_split():
     with pytest.raises(ConfigError, match="multiple of the number of processes"):
         FanOutTrainer(SAEConfig(d_in=4, n_latents=8, k=2), MetaConfig(n_latents=4, k=1), TrainConfig(batch_size=5),
                       [RunSpec("solo")], progress=False, dist=d)
+
+
+PIPELINE_WORKER = textwrap.dedent('''
+    import dataclasses, sys
+    from pathlib import Path
+    import torch
+    from safetensors.torch import save_file
+    sys.path.insert(0, sys.argv[3])
+    from test_stream import DOCS, _profile
+    from metasae import distributed, pipeline
+
+    tmp, nproc = Path(sys.argv[1]), int(sys.argv[2])
+    torch.set_num_threads(1)
+    corpus = tmp / "corpus"
+    p = _profile(False)
+    p = dataclasses.replace(p, data=dataclasses.replace(p.data, corpus=str(corpus)),
+                            train=dataclasses.replace(p.train, epochs=2.0, checkpoint_every_steps=4, autocast="none",
+                                                      threads=1))
+    p.grid.lambda2, p.grid.sigma2, p.grid.meta_sizes, p.grid.ortho_coefs = [0.3], [1.0], [], []
+    p.grid.independent_solos, p.grid.replicate_lambda2, p.grid.replicate_sigma2 = 0, 0.3, 1.0
+    p.meta.n_latents, p.meta.k = 8, 2
+    p.validate()
+    dist = distributed.init("cpu")
+    ctx = pipeline.RunContext(p, tmp / f"out{nproc}", tmp / "figs")
+    trained = pipeline.train_seed(ctx, 0, progress=False, dist=dist)
+    rank = dist.rank if dist is not None else 0
+    save_file({f"{n}.{k}": v.detach().float().contiguous() for n, r in trained.items()
+               for k, v in r.sae.state_dict().items()}, str(tmp / f"pipe{nproc}_rank{rank}.safetensors"))
+''')
+
+
+@pytest.mark.slow
+def test_pipeline_trains_a_seed_data_parallel(tmp_path):
+    """train_seed under torchrun: rank 0 builds the cache, both train; the weights equal the
+    one-process run on the same cache (fp32), and the checkpoints are where run_all.sh looks."""
+    from test_stream import DOCS
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, doc in enumerate(DOCS):
+        (corpus / f"{i:03d}.txt").write_text(doc)
+    script = tmp_path / "pipe.py"
+    script.write_text(PIPELINE_WORKER)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    tests_dir = str(Path(__file__).resolve().parent)
+    for nproc in (1, 2):
+        cmd = ([sys.executable, str(script)] if nproc == 1 else
+               [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)])
+        res = subprocess.run([*cmd, str(tmp_path), str(nproc), tests_dir], env=env, capture_output=True, text=True,
+                             timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+    one = _load(tmp_path / "pipe1_rank0.safetensors")
+    r0, r1 = _load(tmp_path / "pipe2_rank0.safetensors"), _load(tmp_path / "pipe2_rank1.safetensors")
+    assert set(one) == set(r0) and any(k.startswith("joint") for k in one)
+    for k in one:
+        assert torch.equal(r0[k], r1[k]), k
+        torch.testing.assert_close(r0[k], one[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+    assert (tmp_path / "out2" / "seed0" / "checkpoints" / "trainer.json").is_file() or \
+        list((tmp_path / "out2").rglob("trainer.json"))
+
+
+def test_train_dist_outside_torchrun_is_one_sentence(monkeypatch, capsys):
+    from metasae import train_dist
+
+    for k in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    assert train_dist.main(["--profile", "smoke"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: run this under torchrun")
