@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import inspect
 import json
 import math
 import os
@@ -201,8 +202,6 @@ class HFLocalClient(_BatchByLoop):
         pad = tok.pad_token_id
         suf = torch.tensor([t + [pad] * (L - len(t)) for t in tails])
         mask = torch.tensor([[1] * (P + len(t)) + [0] * (L - len(t)) for t in tails])
-        import inspect
-
         # transformers renamed the forward's ``past_key_values`` to ``cache`` (5.2x)
         kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         with torch.no_grad():
