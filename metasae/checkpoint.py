@@ -165,18 +165,21 @@ def _read_json_or_raise(path: Path, rebuild_hint: str) -> Any:
 def write_run_step(run_dir: Path, step: int, spec: RunSpec, primary: BatchTopKSAE,
                    primary_opt: torch.optim.Optimizer, meta: BatchTopKSAE | None,
                    meta_opt: torch.optim.Optimizer | None, generator: torch.Generator | None,
-                   history: list[dict[str, Any]], extra: dict[str, Any]) -> Path:
+                   history: list[dict[str, Any]], extra: dict[str, Any], with_optimizer: bool = True) -> Path:
+    """One step folder.  Without ``with_optimizer`` (the final commit of a completed run, which
+    is never resumed) Adam's two moments are left out: two thirds of the folder's size."""
     folder = Path(run_dir) / step_dirname(step)
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     names = [SAE_FILE, STATE_FILE, "history.json", "cfg.json"]
     save_safetensors(sae_tensors(primary), folder / SAE_FILE)
-    state = optimizer_tensors(primary_opt, "primary_opt")
+    state = optimizer_tensors(primary_opt, "primary_opt") if with_optimizer else {}
     if meta is not None and meta_opt is not None:
         save_safetensors(sae_tensors(meta), folder / META_FILE)
         names.append(META_FILE)
-        state.update(optimizer_tensors(meta_opt, "meta_opt"))
+        if with_optimizer:
+            state.update(optimizer_tensors(meta_opt, "meta_opt"))
     if generator is not None:
         state["generator"] = generator.get_state()
     state["step"] = torch.tensor([step], dtype=torch.long)

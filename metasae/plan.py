@@ -130,23 +130,30 @@ def cache_bytes(profile: Profile) -> tuple[int, int]:
     return cached, cached * profile.sae.d_in * DTYPE_BYTES[dc.cache_dtype] + 5 * sum(sizes.values())
 
 
-def run_folder_bytes(profile: Profile) -> int:
-    """Checkpoints, exports, snapshots and cross-|phi| matrices of every seed."""
-    return _checkpoint_bytes(profile) + _cross_bytes(profile)
+def run_folder_bytes(profile: Profile, parallel: int = 1) -> int:
+    """Checkpoints, exports, snapshots and cross-|phi| matrices of every seed (``parallel`` seeds
+    training at once)."""
+    return _checkpoint_bytes(profile, parallel) + _cross_bytes(profile)
 
 
-def _checkpoint_bytes(profile: Profile) -> int:
-    """Per SAE: the last checkpoint (weights and Adam's two moments, two copies while a new one
-    is committed), the SAELens export and the snapshots."""
+def _checkpoint_bytes(profile: Profile, parallel: int = 1) -> int:
+    """Every SAE's final checkpoint (weights only: a completed run keeps no optimiser state),
+    its SAELens export and the snapshots of solo and the replicated joint; plus, for the
+    ``parallel`` seeds that train at once, the in-progress checkpoints (weights and Adam's two
+    moments, two copies while a new one is committed)."""
     n, d = profile.sae.n_latents, profile.sae.d_in
-    total = 0
+    final, peaks = 0, []
+    snap_runs = ("solo", profile.replicated_run)
     for seed in profile.seeds:
+        peak = 0
         for r in profile.runs_for_seed(seed):
             w = sae_bytes(n, d)
             if r.kind == "joint":
                 w += sae_bytes(r.meta_latents or profile.meta.n_latents, d)
-            total += w * 3 * 2 + w + w * len(profile.train.snapshot_fractions)
-    return total
+            final += w + w + (sae_bytes(n, d) * len(profile.train.snapshot_fractions) if r.name in snap_runs else 0)
+            peak += w * 3 * 2
+        peaks.append(peak)
+    return final + sum(sorted(peaks, reverse=True)[:max(1, parallel)])
 
 
 def _cross_bytes(profile: Profile) -> int:
@@ -203,7 +210,7 @@ def estimate(profile: Profile, jobs: int = 1, calib: Calibration | None = None, 
     model_ram = weights if streamed and not on_gpu else 0
     train_ram = (train_mem + buffer + model_ram) * parallel if not on_gpu else 2 * GiB + buffer
     train_gpu = train_mem + (weights if streamed else 0) if on_gpu else 0
-    plan.stages.append(Stage("train (01_train)", steps * B * len(kinds), _checkpoint_bytes(profile),
+    plan.stages.append(Stage("train (01_train)", steps * B * len(kinds), _checkpoint_bytes(profile, parallel),
                              train_ram, train_gpu, train_s,
                              f"tokens counted once per SAE: {len(kinds)} SAEs over {len(profile.seeds)} seeds, "
                              f"{steps:,} steps of {B:,} tokens"

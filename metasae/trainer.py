@@ -203,7 +203,8 @@ class FanOutTrainer:
                            st.generator, st.history, {"last_meta_mse": st.last_meta_mse,
                                                       "tokens": step * self.train_cfg.batch_size,
                                                       **({"threshold_calibration": st.calibration}
-                                                         if st.calibration else {})})
+                                                         if st.calibration else {})},
+                           with_optimizer=not complete)  # a completed run is never resumed
         if complete:  # exported before the final commit: a completed trainer.json implies complete exports
             for st in states:
                 folder = self.ckpt_root / st.spec.name / SAELENS_DIR

@@ -414,3 +414,36 @@ def test_fused_adam_and_contiguous_encoder_gradient():
     assert st.opt.defaults.get("fused") is True
     st.primary.forward_train(sparse_data(B)).loss.backward()
     assert st.primary.W_enc_DF.grad.is_contiguous()
+
+
+def test_a_completed_run_keeps_no_optimizer_state(tmp_path):
+    """The final commit is never resumed: it holds weights, not Adam's moments (a third of
+    the size); the intermediate commits keep them, and loading the completed run still works."""
+    from safetensors.torch import load_file
+
+    from metasae.checkpoint import STATE_FILE, read_trainer, step_dirname
+
+    runs = [RunSpec("solo"), RunSpec("joint", "joint", 0, 0.3, 1.0)]
+    cfg = TrainConfig(batch_size=B, checkpoint_every_steps=4)
+    FanOutTrainer(SAE_CFG, META, cfg, runs, ckpt_root=tmp_path, progress=False).train(
+        source(sparse_data(10 * B)), 10)
+    assert read_trainer(tmp_path)["complete"]
+    state = load_file(str(tmp_path / "joint" / step_dirname(10) / STATE_FILE))
+    assert set(state) == {"step"}
+    again = FanOutTrainer(SAE_CFG, META, cfg, runs, ckpt_root=tmp_path, progress=False).train(
+        source(sparse_data(10 * B)), 10)
+    assert again[1].meta is not None and again[0].history[-1]["step"] == 10
+    # an unfinished run's commit keeps the moments it resumes from
+    part = tmp_path / "part"
+    data = sparse_data(10 * B)
+
+    def stops_at_6(start: int):
+        for i in range(start, 10):
+            if i == 6:
+                raise KeyboardInterrupt
+            yield data[i * B:(i + 1) * B]
+
+    with pytest.raises(KeyboardInterrupt):
+        FanOutTrainer(SAE_CFG, META, cfg, runs, ckpt_root=part, progress=False).train(stops_at_6, 10)
+    state = load_file(str(part / "joint" / step_dirname(4) / STATE_FILE))
+    assert any(k.startswith("primary_opt.") for k in state) and any(k.startswith("meta_opt.") for k in state)

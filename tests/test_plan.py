@@ -38,14 +38,20 @@ def test_sizes_by_hand() -> None:
     assert plan.cache_bytes(p) == (tokens, tokens * (d * 2 + 5))
     w = (2 * n * d + n + d) * 4
     assert plan.sae_bytes(n, d) == w
-    expected = 0
+    final, peaks, cross = 0, [], 0
     for seed in p.seeds:
         runs = p.runs_for_seed(seed)
+        peak = 0
         for r in runs:
             ww = w + (plan.sae_bytes(8, d) if r.kind == "joint" else 0)
-            expected += ww * 6 + ww + ww * 1
-        expected += (1 + sum(r.name.startswith("solo_indep") for r in runs)) * n * n * 4
-    assert plan.run_folder_bytes(p) == expected
+            # final weights (no optimiser state) + export, snapshots of solo and the replicated joint
+            final += ww * 2 + (w * 1 if r.name in ("solo", p.replicated_run) else 0)
+            peak += ww * 6  # weights and two Adam moments, two copies while committing
+        peaks.append(peak)
+        cross += (1 + sum(r.name.startswith("solo_indep") for r in runs)) * n * n * 4
+    assert plan.run_folder_bytes(p) == final + max(peaks) + cross
+    expected = final + sum(sorted(peaks)[-2:]) + cross  # two seeds train side by side
+    assert plan.run_folder_bytes(p, parallel=2) == expected
     est = plan.estimate(p, jobs=2)
     assert [s.name.split()[0] for s in est.stages] == ["harvest", "train", "evaluation", "autointerp"]
     assert est.disk_bytes == tokens * (d * 2 + 5) + expected
