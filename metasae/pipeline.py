@@ -545,6 +545,10 @@ def judge_client(ctx: RunContext):
 
     cfg = ctx.profile.autointerp
     key = (str(ctx.out), cfg.backend, cfg.model, cfg.base_url)
+    if cfg.seed_only >= 0 and cfg.backend != "openai":
+        # only one seed's process runs the judge (the others finish in seconds), so the
+        # per-process thread share the harness gives parallel seeds would idle the other cores
+        torch.set_num_threads(max(torch.get_num_threads(), os.cpu_count() or 1))
     if key not in _JUDGES:
         _JUDGES.clear()  # one judge in memory at a time
         _JUDGES[key] = make_client(cfg, cache_dir=ctx.out / "llm_cache")
