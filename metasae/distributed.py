@@ -2,7 +2,9 @@
 
 Launched by ``torchrun``, every rank trains the same SAEs on its own shard of each
 global batch: rank r of R gets rows ``[r B/R, (r+1) B/R)`` of global batch t, where
-B = ``train.batch_size`` is the *global* batch.  What is promised (and tested with
+B = ``train.batch_size`` is the *global* batch (of a streamed training split, each
+rank instead harvests its own rows and trains on its B/R tokens of them:
+metasae.activations.stream, ``shard``).  What is promised (and tested with
 two Gloo processes, ``tests/test_distributed.py``):
 
 * **BatchTopK's budget is global**: k x B activations per global batch, chosen

@@ -121,7 +121,7 @@ def train_seed(ctx: RunContext, seed: int, progress: bool = True, dist: Any = No
 
     ``dist`` (:func:`metasae.distributed.init`, under torchrun): data parallel; rank 0 builds
     the activation cache while the others wait, and every rank trains on its rows of each
-    global batch (a streamed split is harvested whole on every rank)."""
+    global batch (of a streamed split, each rank harvests only its own rows)."""
     from metasae.trainer import FanOutTrainer
 
     p = ctx.profile
@@ -141,8 +141,8 @@ def train_seed(ctx: RunContext, seed: int, progress: bool = True, dist: Any = No
             dist.barrier()
         B = p.train.batch_size
         cut = cache.massive_norm(p.data.massive_norm_ratio)
-        if cache.streamed("train"):
-            batches, n_steps = _streamed_batches(ctx, cache, seed, cut)
+        if cache.streamed("train"):  # under torchrun each rank harvests its own rows
+            batches, n_steps = _streamed_batches(ctx, cache, seed, cut, dist)
         else:
             n_steps = cache.num_batches("train", B, p.train.epochs, exclude_above=cut)
 
@@ -150,7 +150,7 @@ def train_seed(ctx: RunContext, seed: int, progress: bool = True, dist: Any = No
                 return cache.iter_batches("train", B, seed=seed, epochs=p.train.epochs, start_batch=start,
                                           exclude_above=cut)
 
-        if dist is not None:
+        if dist is not None and not cache.streamed("train"):
             whole = batches
 
             def batches(start: int):  # this rank's rows of each global batch
@@ -173,9 +173,10 @@ def train_seed(ctx: RunContext, seed: int, progress: bool = True, dist: Any = No
 _TRAINED: dict[tuple[str, int], dict[str, TrainedRun]] = {}
 
 
-def _streamed_batches(ctx: RunContext, cache, seed: int, cut: float):
+def _streamed_batches(ctx: RunContext, cache, seed: int, cut: float, dist: Any = None):
     """(batches(start) -> iterator, n_steps) of a streamed training split (metasae.activations.stream):
-    the language model harvests while the SAEs train; the trainer only sees the batches."""
+    the language model harvests while the SAEs train; the trainer only sees the batches.  Under
+    ``dist`` each rank harvests its own rows and yields its share of every global batch."""
     from metasae.activations.stream import planned_batches, stream_batches
 
     p = ctx.profile
@@ -183,12 +184,16 @@ def _streamed_batches(ctx: RunContext, cache, seed: int, cut: float):
     n_steps = planned_batches(cache.n_valid("train"), p.train.epochs, p.train.batch_size, massive)
     tokens, mask, lm = cache.tokens("train"), cache.mask("train"), loaded_model(ctx)
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[p.data.cache_dtype]
+    shard, B = (0, 1), p.train.batch_size
+    if dist is not None:
+        shard = (dist.rank, dist.world_size)
+        B = dist.shard(torch.empty(B, 0)).shape[0]  # the global batch must split over the ranks
 
     def batches(start: int):
-        return stream_batches(lm, p.model.layer, tokens, mask, batch_size=p.train.batch_size, seed=seed,
+        return stream_batches(lm, p.model.layer, tokens, mask, batch_size=B, seed=seed,
                               n_batches=n_steps, buffer_tokens=p.data.buffer_tokens,
                               harvest_rows=p.data.harvest_batch_rows, cache_dtype=dtype, exclude_above=cut,
-                              start_batch=start)
+                              start_batch=start, shard=shard)
 
     return batches, n_steps
 

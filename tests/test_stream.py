@@ -81,6 +81,35 @@ def test_massive_positions_are_left_out() -> None:
         _stream(exclude_above=0.5, n_batches=1)
 
 
+def test_ranks_harvest_their_own_rows_and_together_cover_the_split() -> None:
+    """shard = (rank, world): each rank reads only its rows (every world-th one), yields its
+    share of every global batch, and the ranks together visit each position as one process."""
+    n_valid = R * (T - 1)
+    seen: dict[int, list[int]] = {}
+    for rank in (0, 1):
+        harvested: list[int] = []
+
+        def harvest(tok: torch.Tensor) -> torch.Tensor:
+            harvested.extend(int(t) // T for t in tok[:, 0])
+            return _harvest(tok)
+
+        part = _stream(batch_size=4, n_batches=3 * n_valid // 8, harvest=harvest, shard=(rank, 2))
+        assert len(part) == 3 * n_valid // 8 and all(b.shape == (4, D) for b in part)
+        assert set(harvested) == set(range(rank, R, 2))  # never another rank's rows
+        seen[rank] = [i for b in part for i in _ids(b)]
+        assert {i // T % 2 for i in seen[rank]} == {rank}
+        resumed = _stream(batch_size=4, n_batches=3 * n_valid // 8, start_batch=5, shard=(rank, 2))
+        assert all(torch.equal(x, y) for x, y in zip(part[5:], resumed))
+    counts = np.bincount(seen[0] + seen[1], minlength=R * T)[[i for i in range(R * T) if i % T]]
+    # three passes: every position seen; a rank's buffer is a larger share of its (half) split, so
+    # more of it crosses a pass boundary than in one process
+    assert counts.sum() == 3 * n_valid and counts.min() >= 1 and counts.max() <= 5
+    # world 1 is the one-process stream, unchanged
+    assert all(torch.equal(x, y) for x, y in zip(_stream(), _stream(shard=(0, 1))))
+    with pytest.raises(ValueError, match="rank, world"):
+        _stream(shard=(2, 2))
+
+
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="two batches"):
         _stream(buffer_tokens=8)

@@ -19,7 +19,13 @@ while training, as SAELens and sparsify do:
   than planned, the stream goes on into the next pass, so a run never stops short.
 
 Every SAE of a seed sees the same batches in the same order (the trainer fans one batch
-out to all of them).  ``start_batch`` resumes by replaying the stream from its start and
+out to all of them).  Under data parallelism (``shard = (rank, world)``) each process
+harvests only its own rows (every ``world``-th row from ``rank``), through its own
+buffer with generators drawn from ``(seed, epoch, rank, world)``, and yields its part
+(``batch_size`` = the global batch / world) of each global batch: the union of the ranks'
+batches visits every position as often as one process would, but the global batches
+are not the ones one process would draw (they are equal in distribution, not bitwise).
+``shard = (0, 1)`` is the one-process stream, unchanged.  ``start_batch`` resumes by replaying the stream from its start and
 dropping the first ``start_batch`` batches: the resumed batches equal the uninterrupted
 ones bitwise wherever the harvest is deterministic (it is on CPU; on a GPU, kernels may
 differ in the last bits between runs), at the cost of harvesting the skipped tokens again.
@@ -39,14 +45,21 @@ def stream_batches(loaded: Any, layer: int, tokens_RT: torch.Tensor, mask_RT: to
                    seed: int, n_batches: int, buffer_tokens: int = 262144,
                    harvest_rows: int = 16, cache_dtype: torch.dtype = torch.bfloat16,
                    exclude_above: float = float("inf"), start_batch: int = 0,
-                   harvest: Any = None) -> Iterator[torch.Tensor]:
+                   harvest: Any = None, shard: tuple[int, int] = (0, 1)) -> Iterator[torch.Tensor]:
     """Yield batches ``start_batch .. n_batches - 1`` (float32, batch_size x d) of the stream.
 
     ``harvest`` (rows x T token ids -> rows x T x d activations) defaults to the
-    model's resid_pre of block ``layer``; tests pass a stand-in.
+    model's resid_pre of block ``layer``; tests pass a stand-in.  ``shard`` = (rank, world):
+    this process's rows only (see the module's docstring).
     """
     if batch_size < 1 or n_batches < 0 or start_batch < 0:
         raise ValueError("batch_size must be positive and n_batches, start_batch non-negative")
+    rank, world = shard
+    if not 0 <= rank < world:
+        raise ValueError(f"shard {shard} is not (rank, world) with 0 <= rank < world")
+    if world > 1:  # this rank's rows; its own generators (the one-process stream is left as it was)
+        tokens_RT, mask_RT = tokens_RT[rank::world], mask_RT[rank::world]
+    key = [rank, world] if world > 1 else []
     if buffer_tokens < 2 * batch_size:
         raise ValueError(f"buffer_tokens ({buffer_tokens}) must hold at least two batches ({2 * batch_size})")
     if harvest is None:
@@ -61,7 +74,7 @@ def stream_batches(loaded: Any, layer: int, tokens_RT: torch.Tensor, mask_RT: to
     parts: list[torch.Tensor] = []  # the buffer, as the chunks that filled it (one copy per drain)
     held = fills = 0
     for epoch in itertools.count():  # passes over the rows until n_batches are out
-        order = np.random.default_rng([seed, epoch]).permutation(R)
+        order = np.random.default_rng([seed, epoch, *key]).permutation(R)
         added = 0
         for i in range(0, R, harvest_rows):
             rows = torch.as_tensor(np.sort(order[i:i + harvest_rows]))
@@ -74,7 +87,7 @@ def stream_batches(loaded: Any, layer: int, tokens_RT: torch.Tensor, mask_RT: to
             held += x.shape[0]
             if held < buffer_tokens:
                 continue
-            g = torch.Generator().manual_seed(int(np.random.default_rng([seed, fills]).integers(2 ** 62)))
+            g = torch.Generator().manual_seed(int(np.random.default_rng([seed, fills, *key]).integers(2 ** 62)))
             fills += 1
             buf = torch.cat(parts)
             buf = buf[torch.randperm(buf.shape[0], generator=g)]
