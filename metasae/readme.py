@@ -202,6 +202,7 @@ def autointerp_verdicts(a: dict[str, Any]) -> list[str]:
                    + "; " + ", ".join(f"{k} {v:.2f}" for k, v in auc.items() if k not in good)
                    + (" fall short." if len(good) < len(auc) else "."))
     vr = {k: _d(v) for k, v in _d(a.get("vs_random")).items()}
+    beat: list[str] = []
     if vr:
         beat = [k for k, v in vr.items() if _ci_excludes_zero(v) and (_num(v.get("diff")) or 0) > 0]
         n = max((v.get("n") or 0) for v in vr.values())
@@ -211,13 +212,38 @@ def autointerp_verdicts(a: dict[str, Any]) -> list[str]:
                                        f"{_num(vr[k]['ci_high']):+.3f}]" for k in beat) if beat else "")
                    + ".")
     jv = {k: _d(v) for k, v in _d(a.get("joint_vs_solo")).items()}
-    sig = [k for k, v in jv.items() if _significant(v.get("p"))]
     if jv:
         n = max((v.get("n_pairs") or 0) for v in jv.values())
+        raw = [k for k, v in jv.items() if _significant(v.get("p"))]
+        sig = holm({k: _num(v.get("p")) for k, v in jv.items()})
+        if sig:
+            tail = f"; significant on {', '.join(sig)} (Holm correction over the {len(jv)} scores)."
+        elif raw:
+            tail = (f"; p < {ALPHA} on {', '.join(raw)} alone, not significant after a Holm correction over "
+                    f"the {len(jv)} scores.")
+        else:
+            tail = "; no score differs significantly."
+        if vr and not beat:
+            tail += (" On real latents no score told the explanations from random ones, so these differences "
+                     "say little about interpretability.")
         out.append(f"* **Figure 2, joint against solo** ({n} matched pairs, seed {a.get('seed')}): "
                    + ("; ".join(f"{k} {_fmt(v.get('delta'), '+.3f')} (p = {_fmt(v.get('p'), '.2g')}, "
-                                f"MDE {_fmt(v.get('mde'), '.3f')})" for k, v in jv.items()))
-                   + (f"; significant on {', '.join(sig)}." if sig else "; no score differs significantly."))
+                                f"MDE {_fmt(v.get('mde'), '.3f')})" for k, v in jv.items())) + tail)
+    return out
+
+
+def holm(pvalues: dict[str, float | None], alpha: float | None = None) -> list[str]:
+    """The keys significant under Holm's step-down correction at ``alpha`` (default ALPHA);
+    missing p-values count as tests that failed."""
+    alpha = ALPHA if alpha is None else alpha
+    m = len(pvalues)
+    order = sorted(pvalues, key=lambda k: (pvalues[k] is None, pvalues[k] if pvalues[k] is not None else 1.0))
+    out = []
+    for i, k in enumerate(order):
+        p = pvalues[k]
+        if p is None or not p < alpha / (m - i):
+            break
+        out.append(k)
     return out
 
 

@@ -236,5 +236,16 @@ def test_autointerp_block_and_verdicts() -> None:
     assert "beats a random one (95% CI of the difference above 0) on 1 of 2 scores: fuzz +0.120 [+0.050, +0.190]." \
         in block
     assert "fuzz -0.020 (p = 0.6, MDE 0.110); no score differs significantly." in block
+    # several scores: significance after Holm's correction; nothing beats random on real latents: said
+    many = {**AUTOINTERP, "vs_random": {"fuzz": {"diff": -0.01, "ci_low": -0.1, "ci_high": 0.08, "n": 10}},
+            "joint_vs_solo": {"fuzz": {"delta": 0.1, "p": 0.026, "n_pairs": 10, "mde": 0.1},
+                              "detection": {"delta": 0.0, "p": 0.5, "n_pairs": 10, "mde": 0.1},
+                              "embedding": {"delta": 0.0, "p": None, "n_pairs": 10, "mde": 0.1}}}
+    block = readme.render_block({**SUMMARY, "autointerp": many}, "results/default/summary.json")
+    assert "p < 0.05 on fuzz alone, not significant after a Holm correction over the 3 scores." in block
+    assert "On real latents no score told the explanations from random ones" in block
+    assert readme.holm({"a": 0.01, "b": 0.02, "c": 0.03}) == ["a", "b", "c"]
+    assert readme.holm({"a": 0.01, "b": 0.04, "c": 0.03}) == ["a"]
+    assert readme.holm({"a": 0.03, "b": None}) == [] and readme.holm({"a": 0.02, "b": None}) == ["a"] and readme.holm({}) == []
     # no autointerp in the run: nothing about it, and no invented verdict
     assert "judge" not in readme.render_block(SUMMARY, "results/default/summary.json")
