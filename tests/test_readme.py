@@ -246,6 +246,7 @@ def test_autointerp_block_and_verdicts() -> None:
     assert "On real latents no score told the explanations from random ones" in block
     assert readme.holm({"a": 0.01, "b": 0.02, "c": 0.03}) == ["a", "b", "c"]
     assert readme.holm({"a": 0.01, "b": 0.04, "c": 0.03}) == ["a"]
-    assert readme.holm({"a": 0.03, "b": None}) == [] and readme.holm({"a": 0.02, "b": None}) == ["a"] and readme.holm({}) == []
+    assert readme.holm({"a": 0.03, "b": None}) == [] and readme.holm({"a": 0.02, "b": None}) == ["a"]
+    assert readme.holm({}) == []
     # no autointerp in the run: nothing about it, and no invented verdict
     assert "judge" not in readme.render_block(SUMMARY, "results/default/summary.json")

@@ -23,10 +23,13 @@ out to all of them).  Under data parallelism (``shard = (rank, world)``) each pr
 harvests only its own rows (every ``world``-th row from ``rank``), through its own
 buffer with generators drawn from ``(seed, epoch, rank, world)``, and yields its part
 (``batch_size`` = the global batch / world) of each global batch: the union of the ranks'
-batches visits every position as often as one process would, but the global batches
+batches visits every position epochs times, give or take what a buffer carries over a
+pass boundary (more per rank, since a rank's buffer is a larger share of its rows), but the global batches
 are not the ones one process would draw (they are equal in distribution, not bitwise).
-``shard = (0, 1)`` is the one-process stream, unchanged.  ``start_batch`` resumes by replaying the stream from its start and
-dropping the first ``start_batch`` batches: the resumed batches equal the uninterrupted
+``shard = (0, 1)`` is the one-process stream, unchanged.
+
+``start_batch`` resumes by replaying the stream from its start and dropping the first
+``start_batch`` batches: the resumed batches equal the uninterrupted
 ones bitwise wherever the harvest is deterministic (it is on CPU; on a GPU, kernels may
 differ in the last bits between runs), at the cost of harvesting the skipped tokens again.
 The trainer never sees the language model: it receives an iterator of batches.
