@@ -146,15 +146,10 @@ def train_seed(ctx: RunContext, seed: int, progress: bool = True, dist: Any = No
         else:
             n_steps = cache.num_batches("train", B, p.train.epochs, exclude_above=cut)
 
-            def batches(start: int):
-                return cache.iter_batches("train", B, seed=seed, epochs=p.train.epochs, start_batch=start,
-                                          exclude_above=cut)
-
-        if dist is not None and not cache.streamed("train"):
-            whole = batches
-
-            def batches(start: int):  # this rank's rows of each global batch
-                return (dist.shard(x) for x in whole(start))
+            def batches(start: int):  # under torchrun, this rank's rows of each global batch
+                it = cache.iter_batches("train", B, seed=seed, epochs=p.train.epochs, start_batch=start,
+                                        exclude_above=cut)
+                return it if dist is None else (dist.shard(x) for x in it)
 
         def calib():  # held-out tokens for the inference threshold (L0 = k on them)
             return cache.valid_acts("calib", B)
@@ -184,10 +179,9 @@ def _streamed_batches(ctx: RunContext, cache, seed: int, cut: float, dist: Any =
     n_steps = planned_batches(cache.n_valid("train"), p.train.epochs, p.train.batch_size, massive)
     tokens, mask, lm = cache.tokens("train"), cache.mask("train"), loaded_model(ctx)
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[p.data.cache_dtype]
-    shard, B = (0, 1), p.train.batch_size
-    if dist is not None:
-        shard = (dist.rank, dist.world_size)
-        B = dist.shard(torch.empty(B, 0)).shape[0]  # the global batch must split over the ranks
+    # under torchrun, this rank's share (the trainer refuses a batch that does not split, before any harvest)
+    shard = (0, 1) if dist is None else (dist.rank, dist.world_size)
+    B = p.train.batch_size // shard[1]
 
     def batches(start: int):
         return stream_batches(lm, p.model.layer, tokens, mask, batch_size=B, seed=seed,
