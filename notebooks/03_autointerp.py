@@ -25,7 +25,8 @@
 #   correctly vs randomly labelled; score = balanced accuracy (chance 0.5);
 # * **detection**: activating vs random contexts; balanced accuracy;
 # * **embedding** (delphi's): no LLM; a sentence encoder's cosine similarity of the
-#   explanation to activating vs non-activating contexts; ROC AUC (chance 0.5).
+#   explanation to activating vs non-activating passages (the text up to the firing token,
+#   1, 4 and 16 tokens long; a random token for non-activating ones); ROC AUC (chance 0.5).
 #
 # Each scorer also scores a random explanation (another latent's, or one from a fixed
 # pool of 50), so the tables show whether the judge beats chance. For the binary

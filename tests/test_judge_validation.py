@@ -246,9 +246,12 @@ def test_score_validation_separates_correct_from_random(tmp_path, monkeypatch):
     (r,) = recs
     assert r["explanations"] == {"correct": "The word FIRE.", "wrong": "The word WATER.",
                                  "random": "Something unrelated."}
-    for s in ("fuzz", "detection", "simulation", "embedding"):
+    for s in ("fuzz", "detection", "simulation"):
         assert r["scores"]["correct"][s] == pytest.approx(1.0), s
         assert r["scores"]["random"][s] < 0.9, s
+    # embedding: a non-firing passage cut at a random token may still hold an earlier FIRE in its
+    # 16-token snippet, which this encoder cannot tell from a firing one
+    assert r["scores"]["correct"]["embedding"] > 0.9 > r["scores"]["random"]["embedding"]
     assert r["n_failed"] == 0 and (tmp_path / "fire.json").is_file()
     summ = summarize_validation(recs * 3)
     assert summ["fuzz"]["auc_vs_random"] == 1.0 and summ["fuzz"]["n_latents"] == 3
@@ -373,3 +376,42 @@ def test_pre_setup_check_does_not_need_the_judge(monkeypatch, tmp_path):
     assert harness.plan_from_args(parser.parse_args(argv + ["--check"])).profile.name == "default"
     with pytest.raises(harness.HarnessError, match="not installed"):
         harness.plan_from_args(parser.parse_args(argv))
+
+
+def test_embedding_passages_end_at_the_firing_token():
+    """Activating passages are cut at the window's strongest activation, non-activating ones at a
+    random token, each over the last 1, 4 and 16 tokens; the score averages the three widths."""
+    from metasae.autointerp.contexts import Example, LatentContexts
+    from metasae.autointerp.embedding import SNIPPET_WIDTHS, embedding_items, score_embedding, snippets
+
+    toks = [f" w{i}" for i in range(20)]
+    acts = np.zeros(20, np.float32)
+    acts[[5, 12]] = [0.4, 2.0]
+    fire = Example(row=0, end=19, tokens=toks, acts=acts, activation=2.0, quintile=0)
+    sim_on = Example(row=1, end=9, tokens=toks[:10], acts=np.eye(10, dtype=np.float32)[-1], activation=1.0)
+    sim_off = Example(row=2, end=9, tokens=toks[:10], acts=np.zeros(10, np.float32), activation=0.0)
+    quiet = Example(row=3, end=19, tokens=toks, acts=np.zeros(20, np.float32), activation=0.0)
+    ctx = LatentContexts(latent=0, activating=[fire], non_activating=[quiet], simulation=[sim_on, sim_off])
+    items = embedding_items(ctx, np.random.default_rng(3))
+    assert [(ex.row, lab) for ex, _, lab in items] == [(0, 1), (1, 1), (3, 0), (2, 0)]
+    assert items[0][1] == 12 and items[1][1] == 9
+    neg_pos = [p for _, p, lab in items if lab == 0]
+    rng = np.random.default_rng(3)
+    assert neg_pos == [int(rng.integers(20)), int(rng.integers(10))]
+    assert SNIPPET_WIDTHS == (1, 4, 16)
+    assert snippets(fire, 12) == [" w12", " w9 w10 w11 w12", "".join(toks[:13])]
+    assert snippets(fire, 2, (1, 4)) == [" w2", " w0 w1 w2"]  # cut at the window's start
+
+    class WordEncoder:  # one axis per word; the last axis is shared by all texts
+        def encode(self, texts):
+            v = np.array([[1.0 if " w12" in t else 0.0, 1.0] for t in texts])
+            return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    client = type("C", (), {"encoder": WordEncoder()})()
+    res = score_embedding(client, " w12", ctx, np.random.default_rng(3))
+    # " w12" is in all three of the firing window's snippets and in none of sim_on's (10 tokens)
+    assert res["labels"] == [1, 1, 0, 0] and res["n"] == 4
+    assert res["similarity"][0] == pytest.approx(1.0)
+    assert res["similarity"][1] == pytest.approx(np.sqrt(0.5))
+    expect = [np.mean([1.0 if " w12" in t else np.sqrt(0.5) for t in snippets(ex, p)]) for ex, p, _ in items]
+    assert res["similarity"] == pytest.approx(expect)

@@ -24,7 +24,7 @@ from metasae.autointerp.llm import LLMFailure
 from metasae.autointerp.scorers import SCORERS
 from metasae.io import atomic_write_json
 
-RECORD_VERSION = 2
+RECORD_VERSION = 3  # 3: embedding scores of snippets ending at the firing token
 
 RANDOM_EXPLANATIONS: tuple[str, ...] = (
     "Names of months and days of the week.", "Words about music, songs and instruments.",

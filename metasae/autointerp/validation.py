@@ -33,7 +33,7 @@ from metasae.autointerp.llm import LLMFailure
 from metasae.autointerp.scorers import SCORERS, roc_auc
 from metasae.io import atomic_write_json
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2  # 2: embedding scores of snippets ending at the firing token
 KINDS = ("correct", "wrong", "random")
 
 
