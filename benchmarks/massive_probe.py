@@ -66,8 +66,9 @@ def main() -> None:
     tokens, mask = pipeline._ce_rows(ctx, cache)
     fns = {}
     for label, sae in saes.items():
+        x0 = next(iter(cache.valid_acts("calib", B)))
         thr = calibrate_eer_thresholds(sae, cache.valid_acts("calib", B), batch_size=B,
-                                       max_value=pipeline._eer_max_value(sae, cache, B))
+                                       max_value=pipeline._eer_max_value(sae, x0))
         counts = CoFiringCounts(sae.cfg.n_latents)
         rec = reconstruction_metrics(sae, cache.valid_acts("phi", B), thresholds=thr, counts=counts)
         X = torch.cat(list(cache.valid_acts("phi", 65536)))

@@ -33,6 +33,10 @@ class ConfigError(ValueError):
 # ---------------------------------------------------------------------------
 
 
+STREAMABLE_SPLITS = ("train", "calib", "phi")
+"""Splits ``data.stream_splits`` may name (the autointerp split is read by position)."""
+
+
 @dataclass
 class SAEConfig:
     """A BatchTopK SAE (SPEC section 1).  Used for the primary and the meta SAE."""
@@ -185,8 +189,11 @@ class DataConfig:
     spliced into the model (CE is also reported with every token spliced).  0 = no
     special treatment."""
     stream_splits: list[str] = field(default_factory=list)
-    """Splits harvested while training instead of cached on disk (``["train"]``; see
-    metasae.activations.stream): their token ids stay in the cache, their activations do not."""
+    """Splits harvested from the model when they are read instead of cached on disk: their token
+    ids stay in the cache, their activations do not.  ``train`` goes through a mixing buffer
+    while training (metasae.activations.stream); ``calib`` and ``phi`` are harvested in order,
+    once per pass of the evaluation (all SAEs of a seed share a pass where memory allows), with
+    the values the cache would have held."""
     buffer_tokens: int = 262144
     """Tokens in the mixing buffer of a streamed split (half of it leaves, shuffled, per refill)."""
 
@@ -206,9 +213,9 @@ class DataConfig:
             raise ConfigError(f"{where}.massive_norm_ratio must be 0 (off) or above 1, not {self.massive_norm_ratio!r}")
         if self.cache_dtype not in ("float16", "bfloat16"):
             raise ConfigError(f"{where}.cache_dtype must be float16 or bfloat16, not {self.cache_dtype!r}")
-        if not isinstance(self.stream_splits, list) or any(x not in ("train",) for x in self.stream_splits):
-            raise ConfigError(f"{where}.stream_splits may only hold 'train' (the other splits are read more than "
-                              f"once and stay cached), not {self.stream_splits!r}")
+        if not isinstance(self.stream_splits, list) or any(x not in STREAMABLE_SPLITS for x in self.stream_splits):
+            raise ConfigError(f"{where}.stream_splits may only hold {', '.join(map(repr, STREAMABLE_SPLITS))} (the "
+                              f"autointerp split is read by position and stays cached), not {self.stream_splits!r}")
         _pos_int(self.buffer_tokens, f"{where}.buffer_tokens")
 
     @property

@@ -283,7 +283,8 @@ def check_plan(profile: Profile, jobs: int, out: Path) -> None:
     from metasae.plan import PlanError, check, estimate
 
     try:
-        plan = estimate(profile, jobs, device="cpu" if profile.train.device in ("cpu", "auto") else "cuda")
+        plan = estimate(profile, jobs, device="cpu" if profile.train.device in ("cpu", "auto") else "cuda",
+                        host_bytes=available_memory_bytes())
     except (ConfigError, ValueError, KeyError, TypeError, ZeroDivisionError):
         return  # a profile the planner cannot size is still checked by check_memory
     free = _room(out)
@@ -310,7 +311,8 @@ def print_plan(plan_args: Plan) -> int:
     print(f"[metasae] calibrating on {device} at the shape of profile {profile.name!r} ...", file=sys.stderr)
     parallel = max(1, min(plan_args.jobs, len(profile.seeds)))
     calib = calibrate(profile, device, threads=threads_per_process(parallel) if not device.startswith("cuda") else 0)
-    plan = estimate(profile, plan_args.jobs, calib, device)
+    plan = estimate(profile, plan_args.jobs, calib, device, host_bytes=available_memory_bytes(),
+                    gpu_bytes=gpu_memory_bytes(device))
     print(render(plan, calib))
     free = _room(plan_args.out)
     try:

@@ -81,12 +81,10 @@ def ensure_activations(ctx: RunContext, progress: bool = True):
     """Build (or resume, or just open) the profile's activation cache."""
     from metasae.activations.cache import build_cache
 
-    from metasae.trainer import resolve_device
-
-    # on a GPU, harvest with the model there; on the CPU the cache loads it only if a shard is missing
-    on_gpu = resolve_device(ctx.profile.train.device).type != "cpu"
+    # the process's one model (on train.device), loaded only when a shard is missing or a
+    # streamed split is read
     return build_cache(ctx.profile, paths.activations_dir(ctx.out), progress=progress,
-                       loaded=loaded_model(ctx) if on_gpu else None)
+                       model_source=lambda: loaded_model(ctx))
 
 
 @functools.lru_cache(maxsize=2)
@@ -220,14 +218,17 @@ def metrics_dir(ctx: RunContext, seed: int) -> Path:
     return paths.seed_dir(ctx.out, seed) / "metrics"
 
 
-def _eer_max_value(sae, cache, batch_size: int) -> float:
+def _first_calib_batch(cache, batch_size: int) -> torch.Tensor:
+    return next(iter(cache.valid_acts("calib", batch_size)))
+
+
+def _eer_max_value(sae, x: torch.Tensor) -> float:
     """The paper's 200 bins on [0, 10) when kept activations fit; otherwise a wider range.
 
     Our standardised inputs can give pre-activations above 10 (the paper's
     range was chosen for GPT-2); values above the range would all land in the
     last bin, so the range grows to twice the 99.9th percentile of kept values.
     """
-    x = next(iter(cache.valid_acts("calib", batch_size)))
     pre = sae.pre_acts(x)
     kept = pre[sae.batch_topk_mask(pre)]
     q = float(torch.quantile(kept[:100000], 0.999)) if kept.numel() else 0.0
@@ -243,10 +244,37 @@ def thresholds_for(ctx: RunContext, seed: int, name: str, run: TrainedRun, cache
         return load_eer_thresholds(path)
     cache = cache or ensure_activations(ctx, progress=False)
     B = ctx.profile.train.batch_size
-    mv = _eer_max_value(run.sae, cache, B)
+    mv = _eer_max_value(run.sae, _first_calib_batch(cache, B))
     res = calibrate_eer_thresholds(run.sae, cache.valid_acts("calib", B), batch_size=B, max_value=mv)
     save_eer_thresholds(res, path, include_hist=False)
     return res
+
+
+def thresholds_for_many(ctx: RunContext, seed: int, trained: dict[str, TrainedRun], cache,
+                        progress: bool = True) -> dict[str, Any]:
+    """:func:`thresholds_for` of every SAE in ``trained``: the missing ones in one pass over the
+    calibration split (one harvest when it is streamed)."""
+    from metasae.metrics.thresholds import calibrate_eer_thresholds_many, load_eer_thresholds, save_eer_thresholds
+
+    out: dict[str, Any] = {}
+    todo: dict[str, tuple] = {}
+    B = ctx.profile.train.batch_size
+    x0 = None
+    for nm, run in trained.items():
+        path = metrics_dir(ctx, seed) / nm / "thresholds.safetensors"
+        if path.is_file():
+            out[nm] = load_eer_thresholds(path)
+        else:
+            x0 = _first_calib_batch(cache, B) if x0 is None else x0
+            todo[nm] = (run.sae, _eer_max_value(run.sae, x0))
+    if todo:
+        if progress:
+            print(f"EER thresholds of {len(todo)} SAEs on the calibration split"
+                  + (" (harvested)" if cache.streamed("calib") else ""))
+        for nm, res in calibrate_eer_thresholds_many(todo, cache.valid_acts("calib", B), batch_size=B).items():
+            save_eer_thresholds(res, metrics_dir(ctx, seed) / nm / "thresholds.safetensors", include_hist=False)
+            out[nm] = res
+    return {nm: out[nm] for nm in trained}
 
 
 def _ce_rows(ctx: RunContext, cache) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,7 +292,7 @@ def evaluate_seed(ctx: RunContext, seed: int, progress: bool = True) -> dict[str
     for the solo, grid and control runs when ``data.ce_tokens`` > 0.
     """
     from metasae.metrics.cooccurrence import CoFiringCounts, PhiSummary, phi_summary
-    from metasae.metrics.recon import ce_summary, reconstruction_metrics
+    from metasae.metrics.recon import ce_summary
 
     mdir = metrics_dir(ctx, seed)
     summary_path = mdir / "eval.json"
@@ -276,16 +304,17 @@ def evaluate_seed(ctx: RunContext, seed: int, progress: bool = True) -> dict[str
     cache = ensure_activations(ctx, progress=False)
     B = ctx.profile.train.batch_size
     names = list(trained)
-    thr = {}
-    for nm in _bar(names, "EER thresholds", progress):
-        thr[nm] = thresholds_for(ctx, seed, nm, trained[nm], cache)
+    thr = thresholds_for_many(ctx, seed, trained, cache, progress)
     ev: dict[str, dict[str, Any]] = {}
     # one encoder pass per SAE over the phi split, in batches of the training size: reconstruction
-    # (EER rule and BatchTopK rule), firing statistics and the exact co-firing counts together
-    for nm in _bar(names, "reconstruction + co-firing", progress):
+    # (EER rule and BatchTopK rule), firing statistics and the exact co-firing counts together;
+    # the SAEs whose counts fit in memory at once share one pass over the split (one harvest
+    # when it is streamed)
+    counts = {nm: CoFiringCounts(trained[nm].sae.cfg.n_latents) for nm in names}
+    recs = phi_pass(ctx, cache, {nm: (trained[nm].sae, thr[nm], counts[nm]) for nm in names}, progress)
+    for nm in names:
         run = trained[nm].sae
-        counts = CoFiringCounts(run.cfg.n_latents)
-        rec = reconstruction_metrics(run, cache.valid_acts("phi", B), thresholds=thr[nm], counts=counts)
+        rec = recs[nm]
         rates = rec.pop("firing_rates")
         rec.pop("firing_counts")
         atomic_write_json(mdir / nm / "firing_rates.json", {"firing_rates": [float(r) for r in rates]})
@@ -294,8 +323,7 @@ def evaluate_seed(ctx: RunContext, seed: int, progress: bool = True) -> dict[str
         rec["run"] = dataclasses.asdict(trained[nm].spec)
         if trained[nm].meta is not None:
             rec.update(meta_fit(trained[nm].meta, run))
-        s: PhiSummary = phi_summary(counts)
-        del counts
+        s: PhiSummary = phi_summary(counts.pop(nm))
         atomic_write_json(mdir / nm / "phi_summary.json", s.to_dict())
         rec.update({"mean_abs_phi": s.mean_abs_phi, "n_pairs": s.n_pairs, "n_alive_phi": s.n_alive,
                     "n_never_fired": s.n_never_fired, "n_always_fired": s.n_always_fired,
@@ -327,6 +355,53 @@ def evaluate_seed(ctx: RunContext, seed: int, progress: bool = True) -> dict[str
                 ev[nm].update({"ce": raw, **ce_summary(raw), "ce_massive_passthrough": math.isfinite(cut)})
     atomic_write_json(summary_path, ev)
     return ev
+
+
+def phi_groups(sizes: dict[str, int], device: str, host_bytes: int | None, gpu_bytes: int | None) -> list[list[str]]:
+    """SAEs (name -> n_latents) in groups whose co-firing counts fit in memory together, in order.
+
+    Per SAE the packed pair counts take 2 n^2 bytes of host memory and, on a GPU, the dense
+    int64 accumulator 8 n^2 bytes of its memory; a group may use half of each (the model and
+    the SAEs need the rest).  Every SAE gets a group, alone where even one does not fit."""
+    limits = [(2, host_bytes)] + ([(8, gpu_bytes)] if device.startswith("cuda") else [])
+    groups: list[list[str]] = []
+    used = [0] * len(limits)
+    for nm, n in sizes.items():
+        need = [per * n * n for per, _ in limits]
+        fits = groups and all(lim is None or u + x <= lim // 2 for (_, lim), u, x in zip(limits, used, need))
+        if not fits:
+            groups.append([])
+            used = [0] * len(limits)
+        groups[-1].append(nm)
+        used = [u + x for u, x in zip(used, need)]
+    return groups
+
+
+def phi_pass(ctx: RunContext, cache, models: dict[str, tuple], progress: bool = True) -> dict[str, dict[str, Any]]:
+    """:func:`~metasae.metrics.recon.reconstruction_metrics` of several SAEs (name -> (sae,
+    thresholds, counts)) on the phi split, in as few passes as their counts allow
+    (:func:`phi_groups`): a streamed phi split is harvested once per group."""
+    from metasae.harness import available_memory_bytes
+    from metasae.metrics.recon import reconstruction_metrics_many
+    from metasae.plan import gpu_memory_bytes
+    from metasae.trainer import resolve_device
+
+    B = ctx.profile.train.batch_size
+    device = str(resolve_device(ctx.profile.train.device))
+    groups = phi_groups({nm: int(m[0].cfg.n_latents) for nm, m in models.items()}, device,
+                        available_memory_bytes(), gpu_memory_bytes(device))
+    n_batches = -(-cache.n_valid("phi") // B)
+    out: dict[str, dict[str, Any]] = {}
+    for i, group in enumerate(groups):
+        batches = cache.valid_acts("phi", B)
+        if progress:
+            from tqdm.auto import tqdm
+
+            what = "harvest + " if cache.streamed("phi") else ""
+            batches = tqdm(batches, total=n_batches, dynamic_ncols=True,
+                           desc=f"{what}reconstruction + co-firing, {len(group)} SAEs (pass {i + 1}/{len(groups)})")
+        out.update(reconstruction_metrics_many({nm: models[nm] for nm in group}, batches))
+    return out
 
 
 @torch.no_grad()
@@ -369,8 +444,7 @@ def snapshot_phi(ctx: RunContext, seed: int, progress: bool = True) -> list[dict
 
     from metasae.checkpoint import SAE_FILE, load_sae_tensors
     from metasae.metrics.cooccurrence import CoFiringCounts, phi_summary
-    from metasae.metrics.recon import reconstruction_metrics
-    from metasae.metrics.thresholds import calibrate_eer_thresholds
+    from metasae.metrics.thresholds import calibrate_eer_thresholds_many
     from metasae.sae import BatchTopKSAE
 
     path = metrics_dir(ctx, seed) / "snapshots.json"
@@ -381,33 +455,32 @@ def snapshot_phi(ctx: RunContext, seed: int, progress: bool = True) -> list[dict
     tr = read_trainer(ckpt_root(ctx, seed))
     n_steps, B = int(tr["n_steps"]), int(tr["batch_size"])
     cache = ensure_activations(ctx, progress=False)
-    rows = []
-    for nm in ("solo", ctx.profile.replicated_run):
-        if nm not in trained:
-            continue
-        snaps = sorted((trained[nm].folder.parent / "snapshots").glob("step*"))
-        for folder in _bar(snaps, f"snapshots of {nm}", progress):
+    saes: dict[str, Any] = {}  # "run@step" -> the snapshot's SAE
+    runs = [nm for nm in ("solo", ctx.profile.replicated_run) if nm in trained]
+    for nm in runs:
+        for folder in sorted((trained[nm].folder.parent / "snapshots").glob("step*")):
             sae = BatchTopKSAE(trained[nm].sae.cfg)
             load_sae_tensors(sae, load_file(str(folder / SAE_FILE)))
-            step = int(read_json(folder / "snapshot.json")["step"])
-            mv = _eer_max_value(sae, cache, B)
-            thr = calibrate_eer_thresholds(sae, cache.valid_acts("calib", B), batch_size=B, max_value=mv)
-            counts = CoFiringCounts(sae.cfg.n_latents)
-            reconstruction_metrics(sae, cache.valid_acts("phi", B), thresholds=thr, counts=counts)
-            rows.append({"run": nm, "step": step, "tokens": step * B, "frac": step / n_steps,
-                         "mean_abs_phi": phi_summary(counts).mean_abs_phi})
+            saes[f"{nm}@{int(read_json(folder / 'snapshot.json')['step'])}"] = sae
+    # each snapshot gets its own thresholds (one pass over the calibration split for all), then
+    # its counts (one pass over the phi split, or as few as memory allows)
+    x0 = _first_calib_batch(cache, B) if saes else None
+    thr = (calibrate_eer_thresholds_many({k: (sae, _eer_max_value(sae, x0)) for k, sae in saes.items()},
+                                         cache.valid_acts("calib", B), batch_size=B) if saes else {})
+    snaps = {k: (sae, thr[k], CoFiringCounts(sae.cfg.n_latents)) for k, sae in saes.items()}
+    if snaps:
+        phi_pass(ctx, cache, snaps, progress)  # the counts fill in place
+    rows = []
+    for nm in runs:
+        for key, (_, _, counts) in snaps.items():
+            run, step = key.rsplit("@", 1)
+            if run == nm:
+                rows.append({"run": nm, "step": int(step), "tokens": int(step) * B, "frac": int(step) / n_steps,
+                             "mean_abs_phi": phi_summary(counts).mean_abs_phi})
         rows.append({"run": nm, "step": n_steps, "tokens": n_steps * B, "frac": 1.0,
                      "mean_abs_phi": ev[nm]["mean_abs_phi"]})
     atomic_write_json(path, {"rows": rows})
     return rows
-
-
-def _bar(it, desc: str, enabled: bool):
-    if not enabled:
-        return it
-    from tqdm.auto import tqdm
-
-    return tqdm(it, desc=desc, dynamic_ncols=True)
 
 
 def load_phi_summary(ctx: RunContext, seed: int, name: str):

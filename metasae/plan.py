@@ -14,18 +14,21 @@ whole plan with ``--plan``.
 
 The figures are planning figures, not promises:
 
-* disk: the activation cache holds every token of every split (``cache_dtype`` values,
-  plus 5 bytes of token id and mask per position); a run folder holds per SAE its last
-  checkpoint (weights and Adam's two moments, two copies while a new one is committed),
-  its SAELens export, its snapshots and, per seed, the cross-|phi| count matrices
-  (n x n, float32) of the solo against the replicated joint and the independent solos;
+* disk: the activation cache holds every token of every cached split (``cache_dtype``
+  values, plus 5 bytes of token id and mask per position of every split); a run folder
+  holds per SAE its final weights, its SAELens export and its snapshots, and while a seed
+  trains its in-progress checkpoints (weights and Adam's two moments, two copies while a
+  new one is committed); the splitting notebook adds two cross co-firing count matrices
+  (n x n, int32) for the first seed;
 * host memory: the model's weights in its dtype plus a harvest batch (harvest), the
   trainer's estimate (:meth:`metasae.config.Profile.train_memory_bytes`, ``jobs`` seeds
-  at once), one SAE and one evaluation batch (evaluation);
+  at once), a seed's SAEs, an evaluation batch and the co-firing counts of the SAEs that
+  share a pass over the phi split (evaluation; the model too when a split is streamed);
 * time: harvest FLOPs are 2 x (block parameters up to the hooked layer) per token (the
   embedding is a lookup, the rest of the model is not run) at 80% of the measured speed of
   a block-shaped GEMM in the model's dtype; a training step per SAE kind and an
-  evaluation batch are timed at the profile's shape; seeds run ``jobs`` at a time on a CPU.
+  evaluation batch are timed at the profile's shape; seeds run ``jobs`` at a time on a CPU;
+  a streamed calibration or phi split costs a harvest per pass over it.
   Autointerp depends on the judge's server and is not estimated.
 """
 
@@ -137,31 +140,32 @@ def run_folder_bytes(profile: Profile, parallel: int = 1) -> int:
 
 
 def _checkpoint_bytes(profile: Profile, parallel: int = 1) -> int:
-    """Every SAE's final checkpoint (weights only: a completed run keeps no optimiser state),
-    its SAELens export and the snapshots of solo and the replicated joint; plus, for the
-    ``parallel`` seeds that train at once, the in-progress checkpoints (weights and Adam's two
-    moments, two copies while a new one is committed)."""
+    """The run folders at their fullest: every SAE's final checkpoint (weights only: a completed run
+    keeps no optimiser state), its SAELens export and the snapshots of solo and the replicated
+    joint; and, for the ``parallel`` seeds that train at once, their in-progress checkpoints in
+    place of their final ones (weights and Adam's two moments, two copies while a new step is
+    committed: 6 weights per SAE instead of 2).  A seed that has not started holds nothing, so
+    this bounds the peak from above."""
     n, d = profile.sae.n_latents, profile.sae.d_in
-    final, peaks = 0, []
+    final, extra = 0, []
     snap_runs = ("solo", profile.replicated_run)
     for seed in profile.seeds:
-        peak = 0
+        more = 0
         for r in profile.runs_for_seed(seed):
             w = sae_bytes(n, d)
             if r.kind == "joint":
                 w += sae_bytes(r.meta_latents or profile.meta.n_latents, d)
             final += w + w + (sae_bytes(n, d) * len(profile.train.snapshot_fractions) if r.name in snap_runs else 0)
-            peak += w * 3 * 2
-        peaks.append(peak)
-    return final + sum(sorted(peaks, reverse=True)[:max(1, parallel)])
+            more += w * 6 - w * 2
+        extra.append(more)
+    return final + sum(sorted(extra, reverse=True)[:max(1, parallel)])
 
 
 def _cross_bytes(profile: Profile) -> int:
-    """The n x n float32 cross-|phi| counts of the solo against the replicated joint and the
-    independent solos, per seed."""
+    """The n x n int32 cross co-firing counts that notebook 04 (splitting) keeps for the first seed:
+    the solo against the selected joint, and against the first independent solo when there is one."""
     n = profile.sae.n_latents
-    return sum((1 + sum(1 for r in profile.runs_for_seed(s) if r.name.startswith("solo_indep"))) * n * n * 4
-               for s in profile.seeds)
+    return (1 + (profile.grid.independent_solos >= 1)) * n * n * 4
 
 
 def _steps(profile: Profile) -> int:
@@ -173,8 +177,10 @@ def _steps(profile: Profile) -> int:
 # ---------------------------------------------------------------------------
 
 
-def estimate(profile: Profile, jobs: int = 1, calib: Calibration | None = None, device: str = "cpu") -> Plan:
-    """One row per stage; times only with `calib`."""
+def estimate(profile: Profile, jobs: int = 1, calib: Calibration | None = None, device: str = "cpu",
+             host_bytes: int | None = None, gpu_bytes: int | None = None) -> Plan:
+    """One row per stage; times only with `calib`.  ``host_bytes`` and ``gpu_bytes`` (the memory
+    available) size the groups of SAEs that share a pass over the phi split (one group when None)."""
     d, n, B = profile.sae.d_in, profile.sae.n_latents, profile.train.batch_size
     on_gpu = device.startswith("cuda")
     params, params_run = model_params(profile)
@@ -191,6 +197,7 @@ def estimate(profile: Profile, jobs: int = 1, calib: Calibration | None = None, 
                              weights + batch_tokens * d * 4 * 4 if on_gpu else 0, harvest_s,
                              f"{params_run / 1e6:,.0f}M parameters run per token, cache in {profile.data.cache_dtype}"
                              + (f"; not the streamed {', '.join(profile.data.stream_splits)} split"
+                                + ("s" if len(profile.data.stream_splits) > 1 else "")
                                 if profile.data.stream_splits else "")))
 
     steps = _steps(profile)
@@ -216,16 +223,42 @@ def estimate(profile: Profile, jobs: int = 1, calib: Calibration | None = None, 
                              f"{steps:,} steps of {B:,} tokens"
                              + ("; the training split is streamed (harvested again by every seed)" if streamed else "")))
 
-    phi_tokens = profile.data.phi_tokens
+    from metasae.pipeline import phi_groups
+
+    dc = profile.data
+    phi_tokens = dc.phi_tokens
+    n_snaps = len(profile.train.snapshot_fractions) * 2  # solo and the replicated joint
+    runs_max = max(len(profile.runs_for_seed(s)) for s in profile.seeds)
+    # SAEs sharing one pass over the phi split: their co-firing counts at once (2 n^2 bytes each on
+    # the host; on a GPU also the 8 n^2 dense accumulator); passes per seed for the runs and the snapshots
+    groups = phi_groups({str(i): n for i in range(runs_max)}, device, host_bytes, gpu_bytes)
+    per_group = max(len(g) for g in groups)
+    phi_passes = len(groups) + (len(phi_groups({str(i): n for i in range(n_snaps)}, device, host_bytes, gpu_bytes))
+                                if n_snaps else 0)
+    calib_passes = 1 + (1 if n_snaps else 0)
     eval_s = None
     if calib is not None:
         batches = math.ceil(phi_tokens / B)
-        per_seed = [len(profile.runs_for_seed(s)) * batches * calib.eval_batch_s for s in profile.seeds]
+        harvest_tok_s = (calib.harvest_flops * HARVEST_EFFICIENCY / (2.0 * params_run)
+                         if calib.harvest_flops > 0 and params_run > 0 else float("inf"))
+        harvest = ((phi_passes * phi_tokens if "phi" in dc.stream_splits else 0)
+                   + (calib_passes * dc.calib_tokens if "calib" in dc.stream_splits else 0)) / harvest_tok_s
+        per_seed = [(len(profile.runs_for_seed(s)) + n_snaps) * batches * calib.eval_batch_s + harvest
+                    for s in profile.seeds]
         eval_s = _parallel_time(per_seed, parallel)
-    eval_ram = (sae_bytes(n, d) * 2 + B * n * 4 * 2 + n * n * 4) * (parallel if not on_gpu else 1)
+    streamed_eval = [x for x in ("calib", "phi") if x in dc.stream_splits]
+    model_ram = weights if streamed_eval and not on_gpu else 0
+    eval_ram = ((sae_bytes(n, d) * runs_max + B * n * 4 * 2 + 2 * n * n * per_group + model_ram)
+                * (parallel if not on_gpu else 1))
+    eval_gpu = (sae_bytes(n, d) * runs_max + B * n * 4 * 2 + 8 * n * n * per_group
+                + (weights if streamed_eval else 0)) if on_gpu else 0
+    note = (f"one encoder pass per SAE over the phi split, {per_group} SAE{'s' if per_group > 1 else ''} per pass "
+            f"({phi_passes} pass{'es' if phi_passes > 1 else ''} per seed{' with the snapshots' if n_snaps else ''})")
+    if streamed_eval:
+        note += (f"; the streamed {' and '.join(streamed_eval)} split{'s' if len(streamed_eval) > 1 else ''} "
+                 "harvested in each pass")
     plan.stages.append(Stage("evaluation and phi (02_cooccurrence)", phi_tokens * len(kinds), _cross_bytes(profile),
-                             eval_ram, sae_bytes(n, d) * 2 + B * n * 4 * 2 if on_gpu else 0, eval_s,
-                             "one encoder pass per SAE over the phi split; CE splices not included"))
+                             eval_ram, eval_gpu, eval_s, note + "; CE splices not included"))
     plan.stages.append(Stage("autointerp (03_autointerp)", profile.data.autointerp_tokens, 0, weights, 0, None,
                              f"{profile.autointerp.backend} judge: time depends on its server"))
     return plan

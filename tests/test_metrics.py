@@ -476,3 +476,44 @@ def test_cross_counts_save_and_load(tmp_path):
     c.update(firing_from_dense(Fa), firing_from_dense(Fb))
     again = CrossCounts.load(c.save(tmp_path / "x.npz"))
     assert np.array_equal(again.N11, Fa.T.astype(np.int64) @ Fb.astype(np.int64)) and again.N == 120
+
+
+def test_one_pass_for_several_saes_equals_one_pass_each():
+    """reconstruction_metrics_many and calibrate_eer_thresholds_many: each SAE's result is the
+    one-SAE call's on the same batches, to the bit."""
+    from metasae.config import SAEConfig
+    from metasae.metrics.cooccurrence import CoFiringCounts
+    from metasae.metrics.recon import reconstruction_metrics, reconstruction_metrics_many
+    from metasae.metrics.thresholds import calibrate_eer_thresholds, calibrate_eer_thresholds_many
+    from metasae.sae import BatchTopKSAE
+
+    saes = {f"s{i}": BatchTopKSAE(SAEConfig(d_in=16, n_latents=40 + 8 * i, k=3), seed=i) for i in range(3)}
+    xs = [torch.randn(24, 16, generator=torch.Generator().manual_seed(i)) * 2 for i in range(5)]
+    thr = calibrate_eer_thresholds_many({nm: (s, 4.0) for nm, s in saes.items()}, iter(xs), batch_size=16,
+                                        min_selected=5)
+    counts = {nm: CoFiringCounts(s.cfg.n_latents) for nm, s in saes.items()}
+    many = reconstruction_metrics_many({nm: (s, thr[nm], counts[nm]) for nm, s in saes.items()}, iter(xs),
+                                       max_tokens=100)
+    for nm, s in saes.items():
+        one_thr = calibrate_eer_thresholds(s, iter(xs), batch_size=16, max_value=4.0, min_selected=5)
+        for f in ("thresholds_F", "n_selected_F", "fallback_F"):
+            assert np.array_equal(getattr(one_thr, f), getattr(thr[nm], f)), (nm, f)
+        assert one_thr.n_tokens == thr[nm].n_tokens == 112  # whole batches of 16 out of 120 tokens
+        c1 = CoFiringCounts(s.cfg.n_latents)
+        one = reconstruction_metrics(s, iter(xs), thresholds=one_thr, counts=c1, max_tokens=100)
+        assert one["n_tokens"] == 100
+        for k, v in one.items():
+            assert np.array_equal(v, many[nm][k]) if isinstance(v, np.ndarray) else v == many[nm][k], (nm, k)
+        assert np.array_equal(c1.N11_packed, counts[nm].N11_packed) and c1.N == counts[nm].N == 100
+
+
+def test_phi_groups_fit_the_counts_in_half_the_memory():
+    from metasae.pipeline import phi_groups
+
+    sizes = {"a": 100, "b": 100, "c": 100, "d": 300}
+    # host: 2 n^2 bytes each (20,000 for n = 100, 180,000 for n = 300); half of 100,000 holds two
+    assert phi_groups(sizes, "cpu", 100_000, None) == [["a", "b"], ["c"], ["d"]]
+    assert phi_groups(sizes, "cpu", None, None) == [["a", "b", "c", "d"]]  # unknown memory: one pass
+    # on a GPU the dense int64 accumulator (8 n^2) counts against the GPU's memory too
+    assert phi_groups(sizes, "cuda", 10 ** 9, 400_000) == [["a", "b"], ["c"], ["d"]]
+    assert phi_groups(sizes, "cpu", 10 ** 9, 200_000) == [["a", "b", "c", "d"]]

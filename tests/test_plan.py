@@ -38,19 +38,19 @@ def test_sizes_by_hand() -> None:
     assert plan.cache_bytes(p) == (tokens, tokens * (d * 2 + 5))
     w = (2 * n * d + n + d) * 4
     assert plan.sae_bytes(n, d) == w
-    final, peaks, cross = 0, [], 0
+    final, extra = 0, []
     for seed in p.seeds:
         runs = p.runs_for_seed(seed)
-        peak = 0
+        more = 0
         for r in runs:
             ww = w + (plan.sae_bytes(8, d) if r.kind == "joint" else 0)
             # final weights (no optimiser state) + export, snapshots of solo and the replicated joint
             final += ww * 2 + (w * 1 if r.name in ("solo", p.replicated_run) else 0)
-            peak += ww * 6  # weights and two Adam moments, two copies while committing
-        peaks.append(peak)
-        cross += (1 + sum(r.name.startswith("solo_indep") for r in runs)) * n * n * 4
-    assert plan.run_folder_bytes(p) == final + max(peaks) + cross
-    expected = final + sum(sorted(peaks)[-2:]) + cross  # two seeds train side by side
+            more += ww * 4  # while training: weights and two Adam moments, two copies while committing
+        extra.append(more)
+    cross = 2 * n * n * 4  # notebook 04, first seed: solo x selected joint, solo x solo_indep1 (int32)
+    assert plan.run_folder_bytes(p) == final + max(extra) + cross
+    expected = final + sum(sorted(extra)[-2:]) + cross  # two seeds train side by side
     assert plan.run_folder_bytes(p, parallel=2) == expected
     est = plan.estimate(p, jobs=2)
     assert [s.name.split()[0] for s in est.stages] == ["harvest", "train", "evaluation", "autointerp"]
@@ -138,3 +138,30 @@ def test_a_streamed_training_split_needs_no_disk_for_its_activations() -> None:
     assert plan.cache_bytes(p)[1] - size == 4096 * d * 2
     est = plan.estimate(s, jobs=1)
     assert "streamed" in est.stages[1].note and est.stages[1].ram_bytes > plan.estimate(p, jobs=1).stages[1].ram_bytes
+
+
+def test_streamed_calib_and_phi_splits_leave_the_disk_and_cost_harvests() -> None:
+    import dataclasses
+
+    p = _tiny()
+    s = dataclasses.replace(p, data=dataclasses.replace(p.data, stream_splits=["train", "calib", "phi"]))
+    d = p.sae.d_in
+    assert plan.cache_bytes(s) == (256, 256 * d * 2 + 5 * (4096 + 512 + 1024 + 256))
+    calib = plan.Calibration("cpu", {"float32": 1e9, "bfloat16": 1e9}, 1e9, {"solo": 0.01, "joint": 0.01}, 0.01)
+    cached, streamed = plan.estimate(p, 1, calib), plan.estimate(s, 1, calib)
+    _, run = plan.model_params(p)
+    passes_phi, passes_calib = 2, 2  # one each for the runs and for the snapshots (all fit in one pass)
+    harvest = (passes_phi * 1024 + passes_calib * 512) * 2.0 * run / (1e9 * plan.HARVEST_EFFICIENCY)
+    assert streamed.stages[2].seconds == pytest.approx(cached.stages[2].seconds + harvest * len(p.seeds))
+    assert "harvested in each pass" in streamed.stages[2].note and "2 passes per seed" in streamed.stages[2].note
+    # with little memory the SAEs' counts take a pass each (4 runs + 2 snapshots per seed)
+    small = plan.estimate(s, 1, calib, host_bytes=2 * 2 * 64 * 64)
+    assert "1 SAE per pass (6 passes per seed" in small.stages[2].note
+
+
+def test_gpt2_large_streams_calib_and_phi_and_needs_under_50_gib() -> None:
+    p = load_profile("gpt2-large")
+    assert set(p.data.stream_splits) == {"train", "calib", "phi"}
+    est = plan.estimate(p, device="cuda", host_bytes=120 * plan.GiB, gpu_bytes=80 * plan.GiB)
+    assert est.disk_bytes < 50 * plan.GiB
+    assert "12 SAEs per pass (2 passes per seed)" in est.stages[2].note

@@ -175,3 +175,77 @@ def test_pipeline_trains_from_the_stream(tmp_path) -> None:
     assert set(trained) >= {"solo", "joint_l0.3_s1"}
     for run in trained.values():
         assert run.history and run.history[-1]["step"] == n
+
+
+# ---------------------------------------------------------------------------
+# Streamed calibration and phi splits: harvested in order, as the cache would hold them
+# ---------------------------------------------------------------------------
+
+
+def _profile_splits(stream_splits: list[str]) -> Profile:
+    p = _profile(False)
+    return dataclasses.replace(p, data=dataclasses.replace(p.data, stream_splits=stream_splits))
+
+
+def test_streamed_calib_and_phi_equal_the_cached_chunks_bitwise(tmp_path) -> None:
+    lm = load_model("tiny-llama")
+    cached = build_cache(_profile(False), tmp_path / "cached", progress=False, documents=DOCS, loaded=lm)
+    streamed = build_cache(_profile_splits(["calib", "phi"]), tmp_path / "streamed", progress=False, documents=DOCS,
+                           loaded=lm)
+    assert streamed.streamed("phi") and streamed.streamed("calib") and not streamed.streamed("train")
+    assert not list((tmp_path / "streamed").glob("acts_phi_*")) and not list((tmp_path / "streamed").glob("acts_calib_*"))
+    for split in ("calib", "phi"):
+        for chunk in (5, 16, 1000):  # chunks across harvest batches and shards, and one chunk for all
+            want, got = list(cached.valid_acts(split, chunk)), list(streamed.valid_acts(split, chunk))
+            assert [x.shape for x in got] == [x.shape for x in want]
+            assert all(torch.equal(a, b) for a, b in zip(got, want)), (split, chunk)
+    assert np.array_equal(streamed.token_norms("calib"), cached.token_norms("calib"))
+    # opened without a model (not through the pipeline): one clear sentence
+    from metasae.activations.cache import ActivationCache
+
+    bare = ActivationCache(tmp_path / "streamed")
+    with pytest.raises(ValueError, match="streamed .*without a model"):
+        next(bare.valid_acts("phi"))
+    assert torch.equal(torch.cat(list(bare.valid_acts("train"))), torch.cat(list(cached.valid_acts("train"))))
+
+
+def test_autointerp_split_cannot_be_streamed() -> None:
+    from metasae.config import ConfigError
+
+    with pytest.raises(ConfigError, match="autointerp split is read by position"):
+        _profile_splits(["train", "autointerp"]).data.validate()
+    _profile_splits(["train", "calib", "phi"]).data.validate()
+
+
+def test_evaluation_of_streamed_splits_equals_the_cached_one(tmp_path) -> None:
+    """Thresholds, reconstruction, |phi| and the snapshots' |phi| from harvested calibration and
+    phi splits are exactly those from the cache (the training split is cached in both runs, so the
+    SAEs are the same)."""
+    from metasae import pipeline
+    from metasae.io import read_json
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, doc in enumerate(DOCS):
+        (corpus / f"{i:03d}.txt").write_text(doc)
+    out = {}
+    for label, splits in (("cached", []), ("streamed", ["calib", "phi"])):
+        p = _profile_splits(splits)
+        p = dataclasses.replace(p, data=dataclasses.replace(p.data, corpus=str(corpus), ce_tokens=0),
+                                train=dataclasses.replace(p.train, epochs=2.0, snapshot_fractions=[0.5]))
+        p.grid.lambda2, p.grid.sigma2, p.grid.meta_sizes, p.grid.ortho_coefs = [0.3], [1.0], [], []
+        p.grid.independent_solos, p.grid.replicate_lambda2, p.grid.replicate_sigma2 = 1, 0.3, 1.0
+        p.meta.n_latents, p.meta.k = 8, 2
+        p.validate()
+        ctx = pipeline.RunContext(p, tmp_path / label, tmp_path / f"figs_{label}")
+        ev = pipeline.evaluate_seed(ctx, 0, progress=False)
+        snaps = pipeline.snapshot_phi(ctx, 0, progress=False)
+        rates = {nm: pipeline.load_firing_rates(ctx, 0, nm) for nm in ev}
+        thr = {nm: read_json(pipeline.metrics_dir(ctx, 0) / nm / "phi_summary.json") for nm in ev}
+        out[label] = (ev, snaps, rates, thr)
+    (ev_c, sn_c, r_c, phi_c), (ev_s, sn_s, r_s, phi_s) = out["cached"], out["streamed"]
+    assert sorted(ev_c) == sorted(ev_s) == ["joint_l0", "joint_l0.3_s1", "solo", "solo_indep1"]
+    for nm in ev_c:
+        assert ev_s[nm] == ev_c[nm], nm
+        assert np.array_equal(r_s[nm], r_c[nm]) and phi_s[nm] == phi_c[nm]
+    assert sn_s == sn_c and len(sn_c) == 4  # solo and the joint: one snapshot each and the end

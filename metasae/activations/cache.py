@@ -29,7 +29,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -53,11 +53,13 @@ def _rebuild_hint(profile_name: str) -> str:
 
 
 def build_cache(profile: Any, out_dir: Path, progress: bool = True, documents: Sequence[str] | None = None,
-                loaded: Any = None) -> "ActivationCache":
-    """Tokenise the profile's corpus once and harvest resid_pre for every split.
+                loaded: Any = None, model_source: Callable[[], Any] | None = None) -> "ActivationCache":
+    """Tokenise the profile's corpus once and harvest resid_pre for every cached split.
 
     Idempotent and resumable shard by shard.  ``documents`` replaces the corpus
-    (tests, notebooks); ``loaded`` reuses an already loaded model.
+    (tests, notebooks); ``loaded`` reuses an already loaded model, ``model_source``
+    returns one when it is first needed (the pipeline's per-process model).  The
+    returned cache harvests its streamed splits with the same model.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -83,6 +85,8 @@ def build_cache(profile: Any, out_dir: Path, progress: bool = True, documents: S
 
     def get_loaded() -> Any:
         nonlocal loaded
+        if loaded is None and model_source is not None:
+            loaded = model_source()
         if loaded is None:
             from metasae.activations.models import load_model
 
@@ -142,7 +146,9 @@ def build_cache(profile: Any, out_dir: Path, progress: bool = True, documents: S
             atomic_write_json(man_path, manifest)
         if bar is not None:
             bar.close()
-    return ActivationCache(out_dir, profile_name=profile.name)
+    cache = ActivationCache(out_dir, profile_name=profile.name)
+    cache.model_source, cache.harvest_rows = get_loaded, dcfg.harvest_batch_rows
+    return cache
 
 
 def _say(message: str) -> None:
@@ -338,6 +344,22 @@ class ShardedActs:
         return x
 
 
+def _rechunk(parts: Iterator[torch.Tensor], chunk_tokens: int) -> Iterator[torch.Tensor]:
+    """The rows of ``parts`` (n_i x D each) regrouped into chunks of exactly ``chunk_tokens`` (the last shorter)."""
+    buf: list[torch.Tensor] = []
+    n = 0
+    for x in parts:
+        buf.append(x)
+        n += x.shape[0]
+        while n >= chunk_tokens:
+            cat = torch.cat(buf)
+            yield cat[:chunk_tokens]
+            rest = cat[chunk_tokens:]
+            buf, n = ([rest] if rest.shape[0] else []), rest.shape[0]
+    if n:
+        yield torch.cat(buf)
+
+
 @dataclass
 class _Flat:
     index: np.ndarray  # flat (row * T + pos) indices of the valid positions, ascending
@@ -359,6 +381,10 @@ class ActivationCache:
         self._shards: dict[tuple[str, int], np.ndarray] = {}
         self._flat: dict[tuple[str, float], _Flat] = {}
         self._norms: dict[str, np.ndarray] = {}
+        self.model_source: Callable[[], Any] | None = None
+        """Returns the loaded model that harvests a streamed split (set by :func:`build_cache`)."""
+        self.harvest_rows = 16
+        """Rows per forward when harvesting a streamed split (``data.harvest_batch_rows``)."""
         missing = [sh["file"] for s in SPLITS for sh in self.manifest["splits"][s]["shards"] if not sh.get("sha256")]
         if missing:
             raise IntegrityError(f"the activation cache in {self.dir} is incomplete ({len(missing)} shards missing, "
@@ -424,26 +450,42 @@ class ActivationCache:
         return ShardedActs(self, self._cached(split)), self.tokens(split), self.mask(split)
 
     def valid_acts(self, split: str, chunk_tokens: int = 65536) -> Iterator[torch.Tensor]:
-        """Activations at valid positions, in stream order, in chunks of ``chunk_tokens`` x D."""
+        """Activations at valid positions, in stream order, in chunks of ``chunk_tokens`` x D.
+
+        A streamed split (``data.stream_splits``, other than the training split) is harvested
+        from the model (:attr:`model_source`) on every call, in the rows and batches the cache
+        writer would have used and rounded to the cache's dtype: on the CPU its chunks equal the
+        cached ones bitwise."""
+        return _rechunk(self._streamed_rows(split) if self.streamed(self._check(split)) else self._cached_rows(split),
+                        chunk_tokens)
+
+    def _cached_rows(self, split: str, step_tokens: int = 65536) -> Iterator[torch.Tensor]:
         acts = ShardedActs(self, self._cached(split))
         mask = self.mask(split)
-        buf: list[torch.Tensor] = []
-        n = 0
+        step = max(1, step_tokens // self.ctx_len)
         for j, sh in enumerate(acts.shards):
             a, b = sh["rows"]
-            step = max(1, chunk_tokens // self.ctx_len)
             for r in range(a, b, step):
                 r1 = min(r + step, b)
-                x = self._to_float(acts.shard_array(j)[r - a:r1 - a])[mask[r:r1]]
-                buf.append(x)
-                n += x.shape[0]
-                while n >= chunk_tokens:
-                    cat = torch.cat(buf)
-                    yield cat[:chunk_tokens]
-                    rest = cat[chunk_tokens:]
-                    buf, n = ([rest] if rest.shape[0] else []), rest.shape[0]
-        if n:
-            yield torch.cat(buf)
+                yield self._to_float(acts.shard_array(j)[r - a:r1 - a])[mask[r:r1]]
+
+    def _streamed_rows(self, split: str) -> Iterator[torch.Tensor]:
+        if self.model_source is None:
+            raise ValueError(f"split {split!r} is streamed (data.stream_splits): its activations are not on disk and "
+                             "this cache was opened without a model to harvest them (open it through the pipeline)")
+        from metasae.activations.harvest import harvest_rows
+
+        lm = self.model_source()
+        tokens, mask = self.tokens(split), self.mask(split)
+        rows_per_shard = max(1, int(self.manifest["key"]["shard_tokens"]) // self.ctx_len)
+        dt = _torch_cache_dtype(self.dtype)
+        for a in range(0, tokens.shape[0], rows_per_shard):  # the writer's shards and harvest batches
+            b = min(a + rows_per_shard, tokens.shape[0])
+            r0 = a
+            for acts in harvest_rows(lm, int(self.manifest["layer"]), tokens[a:b].long(), None, self.harvest_rows):
+                r1 = r0 + acts.shape[0]
+                yield acts.to("cpu", dt)[mask[r0:r1]].float()
+                r0 = r1
 
     # -- massive activations -----------------------------------------------
     def token_norms(self, split: str) -> np.ndarray:

@@ -34,82 +34,116 @@ def reconstruction_metrics(sae, batches: Iterable[torch.Tensor], thresholds=None
     rule over each batch: pass batches of the training batch size) and, when
     ``counts`` (a CoFiringCounts) is given, accumulates its co-firing counts.
     """
+    return reconstruction_metrics_many({0: (sae, thresholds, counts)}, batches, max_tokens)[0]
 
-    device = _module_device(sae)
-    theta = resolve_thresholds(sae, thresholds).to(device)
-    thr_arg = None if thresholds is None else theta
-    fused = hasattr(sae, "evaluate_batch")
-    n_lat = int(sae.cfg.n_latents)
-    fire_counts = torch.zeros(n_lat, dtype=torch.int64)
+
+@torch.no_grad()
+def reconstruction_metrics_many(models: Mapping, batches: Iterable[torch.Tensor],
+                                max_tokens: int | None = None) -> dict:
+    """:func:`reconstruction_metrics` of several SAEs in one pass over ``batches``.
+
+    ``models`` maps a name to ``(sae, thresholds, counts)``; returns ``{name: metrics}``,
+    each exactly what :func:`reconstruction_metrics` gives that SAE on the same batches
+    (each SAE's sums run over the batches in the same order).  A streamed split is
+    harvested once for all of them.
+    """
+    accs = {nm: _Recon(sae, thr, counts) for nm, (sae, thr, counts) in models.items()}
     n_tok = 0
-    sse_std = sse_btk = sse_eer = 0.0
-    l0_thr = 0
-    sn1 = None
-    sn2 = 0.0
-    n_elem = 0
-    rss = 0.0
-    s1 = None
-    s2 = 0.0
-    norm_x = norm_hat = 0.0
     for x in batches:
         if max_tokens is not None and n_tok >= max_tokens:
             break
         if max_tokens is not None:
             x = x[:max_tokens - n_tok]
-        x = x.to(device=device, dtype=torch.float32)
+        for acc in accs.values():
+            acc.update(x)
+        n_tok += x.shape[0]
+    return {nm: acc.result() for nm, acc in accs.items()}
+
+
+class _Recon:
+    """The running sums of :func:`reconstruction_metrics` for one SAE."""
+
+    def __init__(self, sae, thresholds=None, counts=None):
+        self.sae, self.thresholds, self.counts = sae, thresholds, counts
+        self.device = _module_device(sae)
+        self.theta = resolve_thresholds(sae, thresholds).to(self.device)
+        self.thr_arg = None if thresholds is None else self.theta
+        self.fused = hasattr(sae, "evaluate_batch")
+        self.n_lat = int(sae.cfg.n_latents)
+        self.fire_counts = torch.zeros(self.n_lat, dtype=torch.int64)
+        self.n_tok = 0
+        self.sse_std = self.sse_btk = self.sse_eer = 0.0
+        self.l0_thr = 0
+        self.sn1 = None
+        self.sn2 = 0.0
+        self.n_elem = 0
+        self.rss = 0.0
+        self.s1 = None
+        self.s2 = 0.0
+        self.norm_x = self.norm_hat = 0.0
+
+    def update(self, x: torch.Tensor) -> None:
+        sae = self.sae
+        x = x.to(device=self.device, dtype=torch.float32)
         B, D = x.shape
-        if fused:
-            out = sae.evaluate_batch(x, theta)
+        if self.fused:
+            out = sae.evaluate_batch(x, self.theta)
             fired, x_hat = out["fired_BF"], out["x_hat_BD"].float()
-            sse_std += float(out["sse_threshold"])
-            sse_btk += float(out["sse_batchtopk"])
-            sse_eer += float(out["sse_eer"])
-            l0_thr += int(out["l0_threshold"])
-            sn1 = out["sum_xn"] if sn1 is None else sn1 + out["sum_xn"]
-            sn2 += float(out["sum_xn2"])
+            self.sse_std += float(out["sse_threshold"])
+            self.sse_btk += float(out["sse_batchtopk"])
+            self.sse_eer += float(out["sse_eer"])
+            self.l0_thr += int(out["l0_threshold"])
+            self.sn1 = out["sum_xn"] if self.sn1 is None else self.sn1 + out["sum_xn"]
+            self.sn2 += float(out["sum_xn2"])
         else:
-            fired = sae.pre_acts(x) > theta
-            x_hat = sae.reconstruct(x, thr_arg).float()
-            sse_std += float(sae.mse_standardized(x, thr_arg)) * B * D
-        fire_counts += fired.sum(0).cpu()
-        if counts is not None:
-            counts.update_fired(fired)  # dense F^T F on a GPU, sparse on the CPU
-        n_elem += B * D
+            fired = sae.pre_acts(x) > self.theta
+            x_hat = sae.reconstruct(x, self.thr_arg).float()
+            self.sse_std += float(sae.mse_standardized(x, self.thr_arg)) * B * D
+        self.fire_counts += fired.sum(0).cpu()
+        if self.counts is not None:
+            self.counts.update_fired(fired)  # dense F^T F on a GPU, sparse on the CPU
+        self.n_elem += B * D
         x64 = x.double()
-        rss += float(((x64 - x_hat.double()) ** 2).sum())
-        s1 = x64.sum(0) if s1 is None else s1 + x64.sum(0)
-        s2 += float((x64 ** 2).sum())
-        norm_x += float(x64.norm(dim=1).sum())
-        norm_hat += float(x_hat.double().norm(dim=1).sum())
-        n_tok += B
-    if n_tok == 0:
-        raise ValueError("no tokens: the activation stream was empty")
-    tss = s2 - float((s1 ** 2).sum()) / n_tok
-    fc = fire_counts.numpy()
-    out = {
-        "n_tokens": n_tok,
-        "mse": sse_std / n_elem,
-        "explained_variance": 1.0 - rss / tss if tss > 0 else float("nan"),
-        "l0": float(fc.sum()) / n_tok,
-        "dead": int((fc == 0).sum()),
-        "frac_alive": float((fc > 0).mean()),
-        "firing_counts": fc,
-        "firing_rates": fc / n_tok,
-        "mean_norm_x": norm_x / n_tok,
-        "mean_norm_x_hat": norm_hat / n_tok,
-        "threshold_rule": "global" if thresholds is None else "per_latent",
-    }
-    if fused:
-        # one rule for every reconstruction metric: the SAE's global inference threshold
-        out["mse"] = sse_std / n_elem
-        out["reconstruction_rule"] = "global threshold (L0 = k on held-out tokens)"
-        out["mse_eer"] = sse_eer / n_elem
-        out["mse_batchtopk"] = sse_btk / n_elem
-        out["l0_threshold"] = l0_thr / n_tok
-        tss_std = sn2 - float((sn1 ** 2).sum()) / n_tok
-        out["explained_variance_std"] = 1.0 - sse_std / tss_std if tss_std > 0 else float("nan")
-        out["dead_frac"] = out["dead"] / n_lat
-    return out
+        self.rss += float(((x64 - x_hat.double()) ** 2).sum())
+        self.s1 = x64.sum(0) if self.s1 is None else self.s1 + x64.sum(0)
+        self.s2 += float((x64 ** 2).sum())
+        self.norm_x += float(x64.norm(dim=1).sum())
+        self.norm_hat += float(x_hat.double().norm(dim=1).sum())
+        self.n_tok += B
+
+    def result(self) -> dict:
+        n_tok, n_elem, sse_std, s1, s2 = self.n_tok, self.n_elem, self.sse_std, self.s1, self.s2
+        sse_eer, sse_btk, l0_thr, sn1, sn2 = self.sse_eer, self.sse_btk, self.l0_thr, self.sn1, self.sn2
+        rss, norm_x, norm_hat, n_lat = self.rss, self.norm_x, self.norm_hat, self.n_lat
+        fused, thresholds, fire_counts = self.fused, self.thresholds, self.fire_counts
+        if n_tok == 0:
+            raise ValueError("no tokens: the activation stream was empty")
+        tss = s2 - float((s1 ** 2).sum()) / n_tok
+        fc = fire_counts.numpy()
+        out = {
+            "n_tokens": n_tok,
+            "mse": sse_std / n_elem,
+            "explained_variance": 1.0 - rss / tss if tss > 0 else float("nan"),
+            "l0": float(fc.sum()) / n_tok,
+            "dead": int((fc == 0).sum()),
+            "frac_alive": float((fc > 0).mean()),
+            "firing_counts": fc,
+            "firing_rates": fc / n_tok,
+            "mean_norm_x": norm_x / n_tok,
+            "mean_norm_x_hat": norm_hat / n_tok,
+            "threshold_rule": "global" if thresholds is None else "per_latent",
+        }
+        if fused:
+            # one rule for every reconstruction metric: the SAE's global inference threshold
+            out["mse"] = sse_std / n_elem
+            out["reconstruction_rule"] = "global threshold (L0 = k on held-out tokens)"
+            out["mse_eer"] = sse_eer / n_elem
+            out["mse_batchtopk"] = sse_btk / n_elem
+            out["l0_threshold"] = l0_thr / n_tok
+            tss_std = sn2 - float((sn1 ** 2).sum()) / n_tok
+            out["explained_variance_std"] = 1.0 - sse_std / tss_std if tss_std > 0 else float("nan")
+            out["dead_frac"] = out["dead"] / n_lat
+        return out
 
 
 def delta_pct(joint: float, solo: float) -> float:

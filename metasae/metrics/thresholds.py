@@ -276,19 +276,29 @@ def calibrate_eer_thresholds(sae, batches: Iterable[torch.Tensor], batch_size: i
     as in training.  ``sae`` needs ``pre_acts(x_BD)`` and ``batch_topk_mask(pre_BF)``.
     ``max_tokens`` stops after that many tokens (whole batches).
     """
-    n_latents = int(sae.cfg.n_latents)
-    cal = EERCalibrator(n_latents, n_bins, max_value, min_selected)
+    return calibrate_eer_thresholds_many({0: (sae, max_value)}, batches, batch_size, n_bins, min_selected,
+                                         max_tokens)[0]
+
+
+def calibrate_eer_thresholds_many(models: dict, batches: Iterable[torch.Tensor], batch_size: int, n_bins: int = 200,
+                                  min_selected: int = 100, max_tokens: int | None = None) -> dict:
+    """:func:`calibrate_eer_thresholds` of several SAEs (name -> (sae, max_value)) in one pass over
+    ``batches``; each result equals the one-SAE call's on the same batches."""
+    cals = {nm: EERCalibrator(int(sae.cfg.n_latents), n_bins, mv, min_selected) for nm, (sae, mv) in models.items()}
     stats: dict = {}
-    device = _module_device(sae)
+    n_tokens = 0
     for x in rebatch(batches, batch_size, stats=stats):
-        if max_tokens is not None and cal.n_tokens >= max_tokens:
+        if max_tokens is not None and n_tokens >= max_tokens:
             break
-        x = x.to(device=device, dtype=torch.float32)
-        pre = sae.pre_acts(x)
-        cal.update(pre, sae.batch_topk_mask(pre))
-    if cal.n_tokens == 0:
+        for nm, (sae, _) in models.items():
+            xs = x.to(device=_module_device(sae), dtype=torch.float32)
+            pre = sae.pre_acts(xs)
+            cals[nm].update(pre, sae.batch_topk_mask(pre))
+        n_tokens += x.shape[0]
+    if n_tokens == 0:
         raise ValueError("no calibration tokens: the activation stream was empty")
-    return cal.result(batch_size=batch_size, n_dropped_tokens=stats.get("n_dropped_tokens", 0))
+    return {nm: cal.result(batch_size=batch_size, n_dropped_tokens=stats.get("n_dropped_tokens", 0))
+            for nm, cal in cals.items()}
 
 
 def _module_device(sae) -> torch.device:
