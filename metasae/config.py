@@ -33,8 +33,8 @@ class ConfigError(ValueError):
 # ---------------------------------------------------------------------------
 
 
-STREAMABLE_SPLITS = ("train", "calib", "phi")
-"""Splits ``data.stream_splits`` may name (the autointerp split is read by position)."""
+STREAMABLE_SPLITS = ("train", "calib", "phi", "autointerp")
+"""Splits ``data.stream_splits`` may name: all of them."""
 
 
 @dataclass
@@ -193,7 +193,8 @@ class DataConfig:
     ids stay in the cache, their activations do not.  ``train`` goes through a mixing buffer
     while training (metasae.activations.stream); ``calib`` and ``phi`` are harvested in order,
     once per pass of the evaluation (all SAEs of a seed share a pass where memory allows), with
-    the values the cache would have held."""
+    the values the cache would have held; ``autointerp``, read by position, is harvested once
+    per process into memory (its tokens x d x 2 bytes of RAM instead of disk)."""
     buffer_tokens: int = 262144
     """Tokens in the mixing buffer of a streamed split (half of it leaves, shuffled, per refill)."""
 
@@ -214,8 +215,8 @@ class DataConfig:
         if self.cache_dtype not in ("float16", "bfloat16"):
             raise ConfigError(f"{where}.cache_dtype must be float16 or bfloat16, not {self.cache_dtype!r}")
         if not isinstance(self.stream_splits, list) or any(x not in STREAMABLE_SPLITS for x in self.stream_splits):
-            raise ConfigError(f"{where}.stream_splits may only hold {', '.join(map(repr, STREAMABLE_SPLITS))} (the "
-                              f"autointerp split is read by position and stays cached), not {self.stream_splits!r}")
+            raise ConfigError(f"{where}.stream_splits may only hold split names ({', '.join(STREAMABLE_SPLITS)}), "
+                              f"not {self.stream_splits!r}")
         _pos_int(self.buffer_tokens, f"{where}.buffer_tokens")
 
     @property

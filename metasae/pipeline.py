@@ -639,7 +639,7 @@ def judge_validation(ctx: RunContext, seed: int = 0, progress: bool = True) -> d
 
     cfg = ctx.profile.autointerp
     cache = ensure_activations(ctx, progress=False)
-    _, tokens, mask = cache.split_arrays("autointerp")
+    tokens, mask = cache.tokens("autointerp"), cache.mask("autointerp")
     contexts = build_validation_contexts(tokens.numpy(), mask.numpy(), cfg, seed, loaded_model(ctx).tokenizer,
                                          n_latents=cfg.n_validation_latents)
     vdir = ctx.out / "autointerp" / "validation"

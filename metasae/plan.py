@@ -259,8 +259,11 @@ def estimate(profile: Profile, jobs: int = 1, calib: Calibration | None = None, 
                  "harvested in each pass")
     plan.stages.append(Stage("evaluation and phi (02_cooccurrence)", phi_tokens * len(kinds), _cross_bytes(profile),
                              eval_ram, eval_gpu, eval_s, note + "; CE splices not included"))
-    plan.stages.append(Stage("autointerp (03_autointerp)", profile.data.autointerp_tokens, 0, weights, 0, None,
-                             f"{profile.autointerp.backend} judge: time depends on its server"))
+    resident = "autointerp" in dc.stream_splits  # harvested once per process into memory
+    ai_ram = weights + (dc.autointerp_tokens * d * DTYPE_BYTES[dc.cache_dtype] if resident else 0)
+    plan.stages.append(Stage("autointerp (03_autointerp)", dc.autointerp_tokens, 0, ai_ram, 0, None,
+                             f"{profile.autointerp.backend} judge: time depends on its server"
+                             + ("; the streamed autointerp split harvested into memory" if resident else "")))
     return plan
 
 

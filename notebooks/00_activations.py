@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from metasae import pipeline
+from metasae.activations.cache import massive_variance_stats
 from metasae.report import save_figure, save_table
 
 ctx = pipeline.open_run(profile, out_dir, figures_dir, seeds)
@@ -57,13 +58,11 @@ tokens, mask = cache.tokens("phi"), cache.mask("phi")
 tok_valid = tokens[mask].numpy()
 pos_valid = torch.arange(tokens.shape[1]).expand_as(tokens)[mask].numpy()
 massive = norms > cut
-X = torch.cat(list(cache.valid_acts("phi", 65536)))
-Xc = X - X.mean(0)
-var_share = float(Xc[torch.from_numpy(massive)].pow(2).sum() / Xc.pow(2).sum()) if massive.any() else 0.0
+# one pass over the split (a paper profile's phi split does not fit in memory)
+var_share, dim_share = massive_variance_stats(cache.valid_acts("phi", 65536), massive)
 tokenizer = pipeline.loaded_model(ctx).tokenizer
 top_tokens = Counter(tokenizer.decode([int(t)]) for t in tok_valid[massive]).most_common(8)
 top_pos = Counter(int(p) for p in pos_valid[massive]).most_common(3)
-dim_share = (X[torch.from_numpy(massive)].pow(2).mean(0) if massive.any() else torch.zeros(X.shape[1]))
 top_dims = torch.topk(dim_share, 3).indices.tolist() if massive.any() else []
 stats = {"split": "phi", "tokens": int(len(norms)), "median_norm": float(np.median(norms)),
          "q99_norm": float(np.quantile(norms, 0.99)), "q999_norm": float(np.quantile(norms, 0.999)),

@@ -351,3 +351,24 @@ def test_splice_passes_massive_tokens_through_unchanged():
     rest = [i for i in range(10) if i != 3]
     assert torch.allclose(out[rest], sae.reconstruct(x)[rest])
     assert not torch.equal(splice_fn(sae)(x)[3], x[3])  # no cut: every token is spliced
+
+
+def test_massive_variance_stats_in_one_pass_equal_the_dense_computation():
+    import numpy as np
+    import torch
+
+    from metasae.activations.cache import massive_variance_stats
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(1000, 12, generator=g) + 3.0
+    X[::97] *= 40.0  # a few huge tokens
+    massive = (X.norm(dim=1) > 100).numpy()
+    assert 5 <= massive.sum() <= 20
+    share, dims = massive_variance_stats(X.split(64), massive)
+    Xc = X.double() - X.double().mean(0)
+    want = float(Xc[torch.from_numpy(massive)].pow(2).sum() / Xc.pow(2).sum())
+    assert share == pytest.approx(want, rel=1e-10)
+    assert torch.allclose(dims, X[torch.from_numpy(massive)].pow(2).mean(0), rtol=1e-6)
+    assert massive_variance_stats(X.split(64), np.zeros(1000, bool))[0] == 0.0
+    with pytest.raises(ValueError, match="flags"):
+        massive_variance_stats(X.split(64), massive[:-1])

@@ -209,12 +209,32 @@ def test_streamed_calib_and_phi_equal_the_cached_chunks_bitwise(tmp_path) -> Non
     assert torch.equal(torch.cat(list(bare.valid_acts("train"))), torch.cat(list(cached.valid_acts("train"))))
 
 
-def test_autointerp_split_cannot_be_streamed() -> None:
+def test_stream_splits_names_splits() -> None:
     from metasae.config import ConfigError
 
-    with pytest.raises(ConfigError, match="autointerp split is read by position"):
-        _profile_splits(["train", "autointerp"]).data.validate()
-    _profile_splits(["train", "calib", "phi"]).data.validate()
+    with pytest.raises(ConfigError, match="may only hold split names"):
+        _profile_splits(["train", "test"]).data.validate()
+    _profile_splits(["train", "calib", "phi", "autointerp"]).data.validate()
+
+
+def test_streamed_autointerp_split_is_held_in_memory_with_the_cached_values(tmp_path) -> None:
+    """Read by position, a streamed autointerp split is harvested once into memory: every way
+    of indexing it gives the cached split's values, to the bit."""
+    lm = load_model("tiny-llama")
+    cached = build_cache(_profile(False), tmp_path / "cached", progress=False, documents=DOCS, loaded=lm)
+    streamed = build_cache(_profile_splits(["autointerp"]), tmp_path / "streamed", progress=False, documents=DOCS,
+                           loaded=lm)
+    assert not list((tmp_path / "streamed").glob("acts_autointerp_*"))
+    want, tok_c, mask_c = cached.split_arrays("autointerp")
+    got, tok_s, mask_s = streamed.split_arrays("autointerp")
+    assert streamed.split_arrays("autointerp")[0] is got  # harvested once per cache object
+    assert got.shape == want.shape and torch.equal(tok_s, tok_c) and torch.equal(mask_s, mask_c)
+    R = got.shape[0]
+    assert R == 2
+    for idx in (slice(0, R), slice(1, 3), 1, -1, [1, 0, 1], (1, slice(2, 9)), (torch.tensor([0, 1]), torch.tensor([3, 4]))):
+        assert torch.equal(got[idx], want[idx]), idx
+    assert torch.equal(torch.cat(list(streamed.valid_acts("autointerp", 7))),
+                       torch.cat(list(cached.valid_acts("autointerp", 7))))
 
 
 def test_evaluation_of_streamed_splits_equals_the_cached_one(tmp_path) -> None:

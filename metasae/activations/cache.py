@@ -29,7 +29,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -344,6 +344,50 @@ class ShardedActs:
         return x
 
 
+def massive_variance_stats(chunks: Iterable[torch.Tensor], massive: np.ndarray) -> tuple[float, torch.Tensor]:
+    """One pass over a split's valid activations (``chunks``, stream order) with ``massive`` the
+    per-position flags: (share of the raw variance about the split's mean held by the flagged
+    positions, their mean squared value per dimension).  Sums in float64, so a split that does not
+    fit in memory (a paper profile's phi split) is summarised as one that does."""
+    flags = torch.from_numpy(np.asarray(massive, dtype=bool))
+    s = sm = q_m = dim = None
+    q, n, off = 0.0, 0, 0
+    for x in chunks:
+        x = x.double()
+        f = flags[off:off + x.shape[0]]
+        off += x.shape[0]
+        if f.shape[0] != x.shape[0]:
+            raise ValueError(f"{len(flags)} flags for more positions ({off})")
+        xm = x[f]
+        s = x.sum(0) if s is None else s + x.sum(0)
+        sm = xm.sum(0) if sm is None else sm + xm.sum(0)
+        sq = xm.pow(2).sum(0)
+        dim = sq if dim is None else dim + sq
+        q += float(x.pow(2).sum())
+        q_m = float(sq.sum()) + (q_m or 0.0)
+        n += x.shape[0]
+    if off != len(flags):
+        raise ValueError(f"{len(flags)} flags for {off} positions")
+    n_m = int(flags.sum())
+    if n == 0 or n_m == 0:
+        return 0.0, torch.zeros(0 if s is None else s.shape[0])
+    mu = s / n
+    total = q - n * float(mu @ mu)  # sum ||x - mu||^2
+    held = q_m - 2.0 * float(mu @ sm) + n_m * float(mu @ mu)
+    return (held / total if total > 0 else 0.0), (dim / n_m).float()
+
+
+class ResidentActs(ShardedActs):
+    """A streamed split's activations held in memory (cache dtype), indexed as :class:`ShardedActs`."""
+
+    def __init__(self, cache: "ActivationCache", split: str, acts_RTD: torch.Tensor):
+        self.cache, self.split, self.acts = cache, split, acts_RTD
+        self.shape = tuple(acts_RTD.shape)
+
+    def _rows(self, rows: np.ndarray) -> torch.Tensor:
+        return self.acts[torch.from_numpy(np.asarray(rows, dtype=np.int64))].float()
+
+
 def _rechunk(parts: Iterator[torch.Tensor], chunk_tokens: int) -> Iterator[torch.Tensor]:
     """The rows of ``parts`` (n_i x D each) regrouped into chunks of exactly ``chunk_tokens`` (the last shorter)."""
     buf: list[torch.Tensor] = []
@@ -381,6 +425,7 @@ class ActivationCache:
         self._shards: dict[tuple[str, int], np.ndarray] = {}
         self._flat: dict[tuple[str, float], _Flat] = {}
         self._norms: dict[str, np.ndarray] = {}
+        self._resident: dict[str, "ResidentActs"] = {}
         self.model_source: Callable[[], Any] | None = None
         """Returns the loaded model that harvests a streamed split (set by :func:`build_cache`)."""
         self.harvest_rows = 16
@@ -446,7 +491,17 @@ class ActivationCache:
 
     # -- positional access -------------------------------------------
     def split_arrays(self, split: str) -> tuple[ShardedActs, torch.Tensor, torch.Tensor]:
-        """(acts_RTD, tokens_RT, mask_RT); acts are read lazily by row as float32."""
+        """(acts_RTD, tokens_RT, mask_RT); acts are read lazily by row as float32.
+
+        A streamed split (other than the training split) is harvested once per cache object
+        into memory (rows x T x D in the cache's dtype, the values the shards would hold) and
+        read from there: the autointerp split is read by position, not in order."""
+        if self.streamed(self._check(split)) and split != "train":
+            if split not in self._resident:
+                self._resident[split] = ResidentActs(self, split, torch.cat(
+                    [acts for _, acts in self._harvest_batches(split)]) if self.manifest["splits"][split]["rows"]
+                    else torch.zeros(0, self.ctx_len, self.d, dtype=_torch_cache_dtype(self.dtype)))
+            return self._resident[split], self.tokens(split), self.mask(split)
         return ShardedActs(self, self._cached(split)), self.tokens(split), self.mask(split)
 
     def valid_acts(self, split: str, chunk_tokens: int = 65536) -> Iterator[torch.Tensor]:
@@ -470,22 +525,28 @@ class ActivationCache:
                 yield self._to_float(acts.shard_array(j)[r - a:r1 - a])[mask[r:r1]]
 
     def _streamed_rows(self, split: str) -> Iterator[torch.Tensor]:
+        mask = self.mask(split)
+        for r0, acts in self._harvest_batches(split):
+            yield acts[mask[r0:r0 + acts.shape[0]]].float()
+
+    def _harvest_batches(self, split: str) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first row, rows x T x D in the cache's dtype on the CPU) of a streamed split, harvested in
+        the shards and batches the cache writer would use (on the CPU: its values, bitwise)."""
         if self.model_source is None:
             raise ValueError(f"split {split!r} is streamed (data.stream_splits): its activations are not on disk and "
                              "this cache was opened without a model to harvest them (open it through the pipeline)")
         from metasae.activations.harvest import harvest_rows
 
         lm = self.model_source()
-        tokens, mask = self.tokens(split), self.mask(split)
+        tokens = self.tokens(split)
         rows_per_shard = max(1, int(self.manifest["key"]["shard_tokens"]) // self.ctx_len)
         dt = _torch_cache_dtype(self.dtype)
         for a in range(0, tokens.shape[0], rows_per_shard):  # the writer's shards and harvest batches
             b = min(a + rows_per_shard, tokens.shape[0])
             r0 = a
             for acts in harvest_rows(lm, int(self.manifest["layer"]), tokens[a:b].long(), None, self.harvest_rows):
-                r1 = r0 + acts.shape[0]
-                yield acts.to("cpu", dt)[mask[r0:r1]].float()
-                r0 = r1
+                yield r0, acts.to("cpu", dt)
+                r0 += acts.shape[0]
 
     # -- massive activations -----------------------------------------------
     def token_norms(self, split: str) -> np.ndarray:
