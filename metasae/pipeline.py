@@ -291,7 +291,7 @@ def evaluate_seed(ctx: RunContext, seed: int, progress: bool = True) -> dict[str
     rates); a rerun loads it.  CE (a spliced forward of the model) is computed
     for the solo, grid and control runs when ``data.ce_tokens`` > 0.
     """
-    from metasae.metrics.cooccurrence import CoFiringCounts, PhiSummary, phi_summary
+    from metasae.metrics.cooccurrence import PhiSummary, phi_summary
     from metasae.metrics.recon import ce_summary
 
     mdir = metrics_dir(ctx, seed)
@@ -310,11 +310,8 @@ def evaluate_seed(ctx: RunContext, seed: int, progress: bool = True) -> dict[str
     # (EER rule and BatchTopK rule), firing statistics and the exact co-firing counts together;
     # the SAEs whose counts fit in memory at once share one pass over the split (one harvest
     # when it is streamed)
-    counts = {nm: CoFiringCounts(trained[nm].sae.cfg.n_latents) for nm in names}
-    recs = phi_pass(ctx, cache, {nm: (trained[nm].sae, thr[nm], counts[nm]) for nm in names}, progress)
-    for nm in names:
+    for nm, rec, counts in phi_pass(ctx, cache, {nm: (trained[nm].sae, thr[nm]) for nm in names}, progress):
         run = trained[nm].sae
-        rec = recs[nm]
         rates = rec.pop("firing_rates")
         rec.pop("firing_counts")
         atomic_write_json(mdir / nm / "firing_rates.json", {"firing_rates": [float(r) for r in rates]})
@@ -323,12 +320,14 @@ def evaluate_seed(ctx: RunContext, seed: int, progress: bool = True) -> dict[str
         rec["run"] = dataclasses.asdict(trained[nm].spec)
         if trained[nm].meta is not None:
             rec.update(meta_fit(trained[nm].meta, run))
-        s: PhiSummary = phi_summary(counts.pop(nm))
+        s: PhiSummary = phi_summary(counts)
+        del counts
         atomic_write_json(mdir / nm / "phi_summary.json", s.to_dict())
         rec.update({"mean_abs_phi": s.mean_abs_phi, "n_pairs": s.n_pairs, "n_alive_phi": s.n_alive,
                     "n_never_fired": s.n_never_fired, "n_always_fired": s.n_always_fired,
                     "var_abs_phi": s.var_abs_phi, "mean_phi": s.mean_phi})
         ev[nm] = rec
+    ev = {nm: ev[nm] for nm in names}
     # CE with the SAE spliced in
     if ctx.profile.data.ce_tokens > 0:
         from metasae.activations.harvest import ce_with_splices
@@ -377,11 +376,13 @@ def phi_groups(sizes: dict[str, int], device: str, host_bytes: int | None, gpu_b
     return groups
 
 
-def phi_pass(ctx: RunContext, cache, models: dict[str, tuple], progress: bool = True) -> dict[str, dict[str, Any]]:
-    """:func:`~metasae.metrics.recon.reconstruction_metrics` of several SAEs (name -> (sae,
-    thresholds, counts)) on the phi split, in as few passes as their counts allow
-    (:func:`phi_groups`): a streamed phi split is harvested once per group."""
+def phi_pass(ctx: RunContext, cache, models: dict[str, tuple], progress: bool = True):
+    """Yield (name, metrics, co-firing counts) of several SAEs (name -> (sae, thresholds)) on the phi
+    split: :func:`~metasae.metrics.recon.reconstruction_metrics` with counts, in as few passes as
+    the counts allow in memory (:func:`phi_groups`; a streamed phi split is harvested once per
+    pass).  A group's counts exist only while it is counted and handed out."""
     from metasae.harness import available_memory_bytes
+    from metasae.metrics.cooccurrence import CoFiringCounts
     from metasae.metrics.recon import reconstruction_metrics_many
     from metasae.plan import gpu_memory_bytes
     from metasae.trainer import resolve_device
@@ -391,8 +392,8 @@ def phi_pass(ctx: RunContext, cache, models: dict[str, tuple], progress: bool = 
     groups = phi_groups({nm: int(m[0].cfg.n_latents) for nm, m in models.items()}, device,
                         available_memory_bytes(), gpu_memory_bytes(device))
     n_batches = -(-cache.n_valid("phi") // B)
-    out: dict[str, dict[str, Any]] = {}
     for i, group in enumerate(groups):
+        counts = {nm: CoFiringCounts(models[nm][0].cfg.n_latents) for nm in group}
         batches = cache.valid_acts("phi", B)
         if progress:
             from tqdm.auto import tqdm
@@ -400,8 +401,9 @@ def phi_pass(ctx: RunContext, cache, models: dict[str, tuple], progress: bool = 
             what = "harvest + " if cache.streamed("phi") else ""
             batches = tqdm(batches, total=n_batches, dynamic_ncols=True,
                            desc=f"{what}reconstruction + co-firing, {len(group)} SAEs (pass {i + 1}/{len(groups)})")
-        out.update(reconstruction_metrics_many({nm: models[nm] for nm in group}, batches))
-    return out
+        recs = reconstruction_metrics_many({nm: (*models[nm], counts[nm]) for nm in group}, batches)
+        for nm in group:
+            yield nm, recs.pop(nm), counts.pop(nm)
 
 
 @torch.no_grad()
@@ -443,7 +445,7 @@ def snapshot_phi(ctx: RunContext, seed: int, progress: bool = True) -> list[dict
     from safetensors.torch import load_file
 
     from metasae.checkpoint import SAE_FILE, load_sae_tensors
-    from metasae.metrics.cooccurrence import CoFiringCounts, phi_summary
+    from metasae.metrics.cooccurrence import phi_summary
     from metasae.metrics.thresholds import calibrate_eer_thresholds_many
     from metasae.sae import BatchTopKSAE
 
@@ -467,16 +469,15 @@ def snapshot_phi(ctx: RunContext, seed: int, progress: bool = True) -> list[dict
     x0 = _first_calib_batch(cache, B) if saes else None
     thr = (calibrate_eer_thresholds_many({k: (sae, _eer_max_value(sae, x0)) for k, sae in saes.items()},
                                          cache.valid_acts("calib", B), batch_size=B) if saes else {})
-    snaps = {k: (sae, thr[k], CoFiringCounts(sae.cfg.n_latents)) for k, sae in saes.items()}
-    if snaps:
-        phi_pass(ctx, cache, snaps, progress)  # the counts fill in place
+    phi = {k: phi_summary(counts).mean_abs_phi
+           for k, _, counts in phi_pass(ctx, cache, {k: (sae, thr[k]) for k, sae in saes.items()}, progress)}
     rows = []
     for nm in runs:
-        for key, (_, _, counts) in snaps.items():
+        for key in saes:
             run, step = key.rsplit("@", 1)
             if run == nm:
                 rows.append({"run": nm, "step": int(step), "tokens": int(step) * B, "frac": int(step) / n_steps,
-                             "mean_abs_phi": phi_summary(counts).mean_abs_phi})
+                             "mean_abs_phi": phi[key]})
         rows.append({"run": nm, "step": n_steps, "tokens": n_steps * B, "frac": 1.0,
                      "mean_abs_phi": ev[nm]["mean_abs_phi"]})
     atomic_write_json(path, {"rows": rows})

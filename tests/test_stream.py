@@ -237,17 +237,24 @@ def test_streamed_autointerp_split_is_held_in_memory_with_the_cached_values(tmp_
                        torch.cat(list(cached.valid_acts("autointerp", 7))))
 
 
-def test_evaluation_of_streamed_splits_equals_the_cached_one(tmp_path) -> None:
+def test_evaluation_of_streamed_splits_equals_the_cached_one(tmp_path, monkeypatch) -> None:
     """Thresholds, reconstruction, |phi| and the snapshots' |phi| from harvested calibration and
     phi splits are exactly those from the cache (the training split is cached in both runs, so the
-    SAEs are the same)."""
-    from metasae import pipeline
+    SAEs are the same), whether the SAEs share one pass (cached run) or, with memory for one SAE's
+    counts at a time, take a pass each (streamed run)."""
+    from metasae import harness, pipeline
     from metasae.io import read_json
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for i, doc in enumerate(DOCS):
         (corpus / f"{i:03d}.txt").write_text(doc)
+    from metasae.metrics import recon
+
+    passes: list[list[str]] = []
+    inner = recon.reconstruction_metrics_many
+    monkeypatch.setattr(recon, "reconstruction_metrics_many",
+                        lambda models, *a, **k: (passes.append(sorted(models)), inner(models, *a, **k))[1])
     out = {}
     for label, splits in (("cached", []), ("streamed", ["calib", "phi"])):
         p = _profile_splits(splits)
@@ -258,11 +265,17 @@ def test_evaluation_of_streamed_splits_equals_the_cached_one(tmp_path) -> None:
         p.meta.n_latents, p.meta.k = 8, 2
         p.validate()
         ctx = pipeline.RunContext(p, tmp_path / label, tmp_path / f"figs_{label}")
+        passes.clear()
+        # 2 n^2 bytes per SAE's counts (n = 128), half the memory for a group: one SAE per pass
+        monkeypatch.setattr(harness, "available_memory_bytes",
+                            (lambda: 2 * 2 * 128 * 128) if splits else (lambda: 10 ** 12))
         ev = pipeline.evaluate_seed(ctx, 0, progress=False)
         snaps = pipeline.snapshot_phi(ctx, 0, progress=False)
         rates = {nm: pipeline.load_firing_rates(ctx, 0, nm) for nm in ev}
         thr = {nm: read_json(pipeline.metrics_dir(ctx, 0) / nm / "phi_summary.json") for nm in ev}
         out[label] = (ev, snaps, rates, thr)
+        # evaluation (4 SAEs) and snapshots (2): one pass each cached, one pass per SAE streamed
+        assert [len(g) for g in passes] == ([1] * 6 if splits else [4, 2]), passes
     (ev_c, sn_c, r_c, phi_c), (ev_s, sn_s, r_s, phi_s) = out["cached"], out["streamed"]
     assert sorted(ev_c) == sorted(ev_s) == ["joint_l0", "joint_l0.3_s1", "solo", "solo_indep1"]
     for nm in ev_c:
