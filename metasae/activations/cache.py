@@ -498,9 +498,11 @@ class ActivationCache:
         read from there: the autointerp split is read by position, not in order."""
         if self.streamed(self._check(split)) and split != "train":
             if split not in self._resident:
-                self._resident[split] = ResidentActs(self, split, torch.cat(
-                    [acts for _, acts in self._harvest_batches(split)]) if self.manifest["splits"][split]["rows"]
-                    else torch.zeros(0, self.ctx_len, self.d, dtype=_torch_cache_dtype(self.dtype)))
+                out = torch.empty(int(self.manifest["splits"][split]["rows"]), self.ctx_len, self.d,
+                                  dtype=_torch_cache_dtype(self.dtype))
+                for r0, acts in self._harvest_batches(split):
+                    out[r0:r0 + acts.shape[0]] = acts
+                self._resident[split] = ResidentActs(self, split, out)
             return self._resident[split], self.tokens(split), self.mask(split)
         return ShardedActs(self, self._cached(split)), self.tokens(split), self.mask(split)
 
@@ -538,14 +540,20 @@ class ActivationCache:
         from metasae.activations.harvest import harvest_rows
 
         lm = self.model_source()
-        tokens = self.tokens(split)
+        tokens, mask = self.tokens(split), self.mask(split)
         rows_per_shard = max(1, int(self.manifest["key"]["shard_tokens"]) // self.ctx_len)
         dt = _torch_cache_dtype(self.dtype)
         for a in range(0, tokens.shape[0], rows_per_shard):  # the writer's shards and harvest batches
             b = min(a + rows_per_shard, tokens.shape[0])
             r0 = a
             for acts in harvest_rows(lm, int(self.manifest["layer"]), tokens[a:b].long(), None, self.harvest_rows):
-                yield r0, acts.to("cpu", dt)
+                acts = acts.to("cpu", dt)
+                if not torch.isfinite(acts[mask[r0:r0 + acts.shape[0]]].float()).all():
+                    raise FloatingPointError(
+                        f"non-finite activations while harvesting the streamed {split} split (rows {r0}-"
+                        f"{r0 + acts.shape[0] - 1}) of {self.manifest['model']} layer {self.manifest['layer']}; "
+                        "try model.dtype = 'float32'")
+                yield r0, acts
                 r0 += acts.shape[0]
 
     # -- massive activations -----------------------------------------------
