@@ -321,14 +321,16 @@ class FanOutTrainer:
                 W_hat = meta_reconstruction(st.meta, sae.W_dec_FD, self.autocast)
                 pen, _ = decomposability_penalty(sae.W_dec_FD, W_hat, spec.sigma2)
                 loss = loss + spec.lambda2 * pen
-                pen_val = float(pen.detach())
+                if record:  # read only when recorded: a read is a host sync on a GPU
+                    pen_val = float(pen.detach())
             elif record:  # the lambda2 = 0 control: measured, never in the loss
                 W_hat = meta_reconstruction(st.meta, sae.W_dec_FD, self.autocast)
                 pen_val = float(decomposability_penalty(sae.W_dec_FD.detach(), W_hat, spec.sigma2)[0])
         elif spec.kind == "ortho":
             pen = orthogonality_penalty(sae.W_dec_FD, generator=st.generator)
             loss = loss + spec.ortho_coef * pen
-            pen_val = float(pen.detach())
+            if record:
+                pen_val = float(pen.detach())
         if not math.isfinite(float(loss.detach())):
             raise TrainingError(f"non-finite loss in run {spec.name} at primary step {step} (stage: training)")
         st.opt.zero_grad(set_to_none=True)
