@@ -30,6 +30,7 @@ from metasae.checkpoint import TrainedRun, load_trained_run, read_trainer, saele
 from metasae.config import Profile, RunSpec, load_profile, parse_seeds
 from metasae.harness import git_state
 from metasae.io import atomic_write_json, read_json
+from metasae.plan import phi_groups
 
 # ---------------------------------------------------------------------------
 # Run context
@@ -218,10 +219,6 @@ def metrics_dir(ctx: RunContext, seed: int) -> Path:
     return paths.seed_dir(ctx.out, seed) / "metrics"
 
 
-def _first_calib_batch(cache, batch_size: int) -> torch.Tensor:
-    return next(iter(cache.valid_acts("calib", batch_size)))
-
-
 def _eer_max_value(sae, x: torch.Tensor) -> float:
     """The paper's 200 bins on [0, 10) when kept activations fit; otherwise a wider range.
 
@@ -235,44 +232,39 @@ def _eer_max_value(sae, x: torch.Tensor) -> float:
     return 10.0 if q < 10.0 else float(math.ceil(2 * q))
 
 
+def eer_thresholds(cache, saes: dict[str, Any], batch_size: int) -> dict[str, Any]:
+    """EER thresholds of several SAEs (name -> sae) in one pass over the calibration split (one
+    harvest when it is streamed); each SAE's histogram range from the split's first batch."""
+    from metasae.metrics.thresholds import calibrate_eer_thresholds_many
+
+    if not saes:
+        return {}
+    x0 = next(iter(cache.valid_acts("calib", batch_size)))
+    return calibrate_eer_thresholds_many({nm: (sae, _eer_max_value(sae, x0)) for nm, sae in saes.items()},
+                                         cache.valid_acts("calib", batch_size), batch_size=batch_size)
+
+
 def thresholds_for(ctx: RunContext, seed: int, name: str, run: TrainedRun, cache=None):
     """EER thresholds of one SAE on the calibration split (cached next to its checkpoint)."""
-    from metasae.metrics.thresholds import calibrate_eer_thresholds, load_eer_thresholds, save_eer_thresholds
-
-    path = metrics_dir(ctx, seed) / name / "thresholds.safetensors"
-    if path.is_file():
-        return load_eer_thresholds(path)
-    cache = cache or ensure_activations(ctx, progress=False)
-    B = ctx.profile.train.batch_size
-    mv = _eer_max_value(run.sae, _first_calib_batch(cache, B))
-    res = calibrate_eer_thresholds(run.sae, cache.valid_acts("calib", B), batch_size=B, max_value=mv)
-    save_eer_thresholds(res, path, include_hist=False)
-    return res
+    return thresholds_for_many(ctx, seed, {name: run}, cache, progress=False)[name]
 
 
-def thresholds_for_many(ctx: RunContext, seed: int, trained: dict[str, TrainedRun], cache,
+def thresholds_for_many(ctx: RunContext, seed: int, trained: dict[str, TrainedRun], cache=None,
                         progress: bool = True) -> dict[str, Any]:
-    """:func:`thresholds_for` of every SAE in ``trained``: the missing ones in one pass over the
-    calibration split (one harvest when it is streamed)."""
-    from metasae.metrics.thresholds import calibrate_eer_thresholds_many, load_eer_thresholds, save_eer_thresholds
+    """EER thresholds of every SAE in ``trained`` on the calibration split, cached next to their
+    checkpoints: the missing ones in one pass (:func:`eer_thresholds`)."""
+    from metasae.metrics.thresholds import load_eer_thresholds, save_eer_thresholds
 
-    out: dict[str, Any] = {}
-    todo: dict[str, tuple] = {}
-    B = ctx.profile.train.batch_size
-    x0 = None
-    for nm, run in trained.items():
-        path = metrics_dir(ctx, seed) / nm / "thresholds.safetensors"
-        if path.is_file():
-            out[nm] = load_eer_thresholds(path)
-        else:
-            x0 = _first_calib_batch(cache, B) if x0 is None else x0
-            todo[nm] = (run.sae, _eer_max_value(run.sae, x0))
+    paths_ = {nm: metrics_dir(ctx, seed) / nm / "thresholds.safetensors" for nm in trained}
+    out = {nm: load_eer_thresholds(p) for nm, p in paths_.items() if p.is_file()}
+    todo = {nm: run.sae for nm, run in trained.items() if nm not in out}
     if todo:
+        cache = cache or ensure_activations(ctx, progress=False)
         if progress:
             print(f"EER thresholds of {len(todo)} SAEs on the calibration split"
                   + (" (harvested)" if cache.streamed("calib") else ""))
-        for nm, res in calibrate_eer_thresholds_many(todo, cache.valid_acts("calib", B), batch_size=B).items():
-            save_eer_thresholds(res, metrics_dir(ctx, seed) / nm / "thresholds.safetensors", include_hist=False)
+        for nm, res in eer_thresholds(cache, todo, ctx.profile.train.batch_size).items():
+            save_eer_thresholds(res, paths_[nm], include_hist=False)
             out[nm] = res
     return {nm: out[nm] for nm in trained}
 
@@ -356,26 +348,6 @@ def evaluate_seed(ctx: RunContext, seed: int, progress: bool = True) -> dict[str
     return ev
 
 
-def phi_groups(sizes: dict[str, int], device: str, host_bytes: int | None, gpu_bytes: int | None) -> list[list[str]]:
-    """SAEs (name -> n_latents) in groups whose co-firing counts fit in memory together, in order.
-
-    Per SAE the packed pair counts take 2 n^2 bytes of host memory and, on a GPU, the dense
-    int64 accumulator 8 n^2 bytes of its memory; a group may use half of each (the model and
-    the SAEs need the rest).  Every SAE gets a group, alone where even one does not fit."""
-    limits = [(2, host_bytes)] + ([(8, gpu_bytes)] if device.startswith("cuda") else [])
-    groups: list[list[str]] = []
-    used = [0] * len(limits)
-    for nm, n in sizes.items():
-        need = [per * n * n for per, _ in limits]
-        fits = groups and all(lim is None or u + x <= lim // 2 for (_, lim), u, x in zip(limits, used, need))
-        if not fits:
-            groups.append([])
-            used = [0] * len(limits)
-        groups[-1].append(nm)
-        used = [u + x for u, x in zip(used, need)]
-    return groups
-
-
 def phi_pass(ctx: RunContext, cache, models: dict[str, tuple], progress: bool = True):
     """Yield (name, metrics, co-firing counts) of several SAEs (name -> (sae, thresholds)) on the phi
     split: :func:`~metasae.metrics.recon.reconstruction_metrics` with counts, in as few passes as
@@ -446,7 +418,6 @@ def snapshot_phi(ctx: RunContext, seed: int, progress: bool = True) -> list[dict
 
     from metasae.checkpoint import SAE_FILE, load_sae_tensors
     from metasae.metrics.cooccurrence import phi_summary
-    from metasae.metrics.thresholds import calibrate_eer_thresholds_many
     from metasae.sae import BatchTopKSAE
 
     path = metrics_dir(ctx, seed) / "snapshots.json"
@@ -466,9 +437,7 @@ def snapshot_phi(ctx: RunContext, seed: int, progress: bool = True) -> list[dict
             saes[f"{nm}@{int(read_json(folder / 'snapshot.json')['step'])}"] = sae
     # each snapshot gets its own thresholds (one pass over the calibration split for all), then
     # its counts (one pass over the phi split, or as few as memory allows)
-    x0 = _first_calib_batch(cache, B) if saes else None
-    thr = (calibrate_eer_thresholds_many({k: (sae, _eer_max_value(sae, x0)) for k, sae in saes.items()},
-                                         cache.valid_acts("calib", B), batch_size=B) if saes else {})
+    thr = eer_thresholds(cache, saes, B)
     phi = {k: phi_summary(counts).mean_abs_phi
            for k, _, counts in phi_pass(ctx, cache, {k: (sae, thr[k]) for k, sae in saes.items()}, progress)}
     rows = []

@@ -168,6 +168,33 @@ def _cross_bytes(profile: Profile) -> int:
     return (1 + (profile.grid.independent_solos >= 1)) * n * n * 4
 
 
+def phi_groups(sizes: dict[str, int], device: str, host_bytes: int | None, gpu_bytes: int | None) -> list[list[str]]:
+    """SAEs (name -> n_latents) in groups whose co-firing counts fit in memory together, in order.
+
+    Per SAE the packed pair counts take 2 n^2 bytes of host memory and, on a GPU, the dense
+    int64 accumulator 8 n^2 bytes of its memory; a group may use half of each (the model and
+    the SAEs need the rest).  Every SAE gets a group, alone where even one does not fit."""
+    limits = [(2, host_bytes)] + ([(8, gpu_bytes)] if device.startswith("cuda") else [])
+    groups: list[list[str]] = []
+    used = [0] * len(limits)
+    for nm, n in sizes.items():
+        need = [per * n * n for per, _ in limits]
+        fits = groups and all(lim is None or u + x <= lim // 2 for (_, lim), u, x in zip(limits, used, need))
+        if not fits:
+            groups.append([])
+            used = [0] * len(limits)
+        groups[-1].append(nm)
+        used = [u + x for u, x in zip(used, need)]
+    return groups
+
+
+def _harvest_seconds(calib: Calibration | None, params_run: int, tokens: float) -> float | None:
+    """Seconds to harvest ``tokens`` at HARVEST_EFFICIENCY of the calibration's harvest-shaped GEMM."""
+    if calib is None or calib.harvest_flops <= 0:
+        return None
+    return 2.0 * params_run * tokens / (calib.harvest_flops * HARVEST_EFFICIENCY)
+
+
 def _steps(profile: Profile) -> int:
     return math.floor(profile.data.train_tokens * profile.train.epochs / profile.train.batch_size)
 
@@ -190,9 +217,7 @@ def estimate(profile: Profile, jobs: int = 1, calib: Calibration | None = None, 
     harvest_ram = (0 if on_gpu else weights) + batch_tokens * d * 4 * 4 + tokens * 5
     plan = Plan(profile.name, device)
 
-    harvest_s = None
-    if calib is not None and calib.harvest_flops > 0:
-        harvest_s = 2.0 * params_run * tokens / (calib.harvest_flops * HARVEST_EFFICIENCY)
+    harvest_s = _harvest_seconds(calib, params_run, tokens)
     plan.stages.append(Stage("harvest (00_activations)", tokens, cbytes, harvest_ram,
                              weights + batch_tokens * d * 4 * 4 if on_gpu else 0, harvest_s,
                              f"{params_run / 1e6:,.0f}M parameters run per token, cache in {profile.data.cache_dtype}"
@@ -207,8 +232,7 @@ def estimate(profile: Profile, jobs: int = 1, calib: Calibration | None = None, 
     train_s = None
     streamed = "train" in profile.data.stream_splits
     if calib is not None:
-        per_step_harvest = (2.0 * params_run * B / (calib.harvest_flops * HARVEST_EFFICIENCY)
-                            if streamed and calib.harvest_flops > 0 else 0.0)
+        per_step_harvest = (_harvest_seconds(calib, params_run, B) or 0.0) if streamed else 0.0
         per_seed = [(sum(calib.step_s.get(r.kind, calib.step_s["solo"]) for r in profile.runs_for_seed(s))
                      + per_step_harvest) * steps for s in profile.seeds]
         train_s = _parallel_time(per_seed, parallel)
@@ -222,8 +246,6 @@ def estimate(profile: Profile, jobs: int = 1, calib: Calibration | None = None, 
                              f"tokens counted once per SAE: {len(kinds)} SAEs over {len(profile.seeds)} seeds, "
                              f"{steps:,} steps of {B:,} tokens"
                              + ("; the training split is streamed (harvested again by every seed)" if streamed else "")))
-
-    from metasae.pipeline import phi_groups
 
     dc = profile.data
     phi_tokens = dc.phi_tokens
@@ -239,10 +261,8 @@ def estimate(profile: Profile, jobs: int = 1, calib: Calibration | None = None, 
     eval_s = None
     if calib is not None:
         batches = math.ceil(phi_tokens / B)
-        harvest_tok_s = (calib.harvest_flops * HARVEST_EFFICIENCY / (2.0 * params_run)
-                         if calib.harvest_flops > 0 and params_run > 0 else float("inf"))
-        harvest = ((phi_passes * phi_tokens if "phi" in dc.stream_splits else 0)
-                   + (calib_passes * dc.calib_tokens if "calib" in dc.stream_splits else 0)) / harvest_tok_s
+        harvest = _harvest_seconds(calib, params_run, (phi_passes * phi_tokens if "phi" in dc.stream_splits else 0)
+                                   + (calib_passes * dc.calib_tokens if "calib" in dc.stream_splits else 0)) or 0.0
         per_seed = [(len(profile.runs_for_seed(s)) + n_snaps) * batches * calib.eval_batch_s + harvest
                     for s in profile.seeds]
         eval_s = _parallel_time(per_seed, parallel)

@@ -112,7 +112,7 @@ def build_cache(profile: Any, out_dir: Path, progress: bool = True, documents: S
                  f"re-harvesting its {_shard_rows(sh) * manifest['ctx_len']:,} tokens")
     if pending:
         lm = get_loaded()
-        from metasae.activations.harvest import check_site, harvest_rows
+        from metasae.activations.harvest import check_site
 
         check_site(lm, mcfg.layer, dcfg.ctx_len)
         total = sum(_shard_rows(manifest["splits"][s]["shards"][i]) for s, i in pending) * dcfg.ctx_len
@@ -127,16 +127,10 @@ def build_cache(profile: Any, out_dir: Path, progress: bool = True, documents: S
             path = out_dir / sh["file"]
             with atomic_path(path) as tmp:
                 with open(tmp, "wb") as fh:
-                    r0 = 0
-                    for acts in harvest_rows(lm, mcfg.layer, tok, None, dcfg.harvest_batch_rows):
-                        acts = acts.to(_torch_cache_dtype(dcfg.cache_dtype))
-                        m = msk[r0:r0 + acts.shape[0]]
-                        if not torch.isfinite(acts[m].float()).all():
-                            raise FloatingPointError(
-                                f"non-finite activations while harvesting split {split} shard {i} ({path.name}) "
-                                f"of {mcfg.name} layer {mcfg.layer}; try model.dtype = 'float32'")
+                    for _, acts in _harvest_checked(lm, mcfg.layer, tok, msk, dcfg.harvest_batch_rows,
+                                                    _torch_cache_dtype(dcfg.cache_dtype),
+                                                    f"split {split} shard {i} ({path.name}) of {mcfg.name}"):
                         fh.write(_to_bytes(acts))
-                        r0 += acts.shape[0]
                         if bar is not None:
                             bar.update(acts.shape[0] * acts.shape[1])
             sh["sha256"] = sha256_file(path)
@@ -149,6 +143,22 @@ def build_cache(profile: Any, out_dir: Path, progress: bool = True, documents: S
     cache = ActivationCache(out_dir, profile_name=profile.name)
     cache.model_source, cache.harvest_rows = get_loaded, dcfg.harvest_batch_rows
     return cache
+
+
+def _harvest_checked(lm: Any, layer: int, tokens_RT: torch.Tensor, mask_RT: torch.Tensor, batch_rows: int,
+                     dtype: torch.dtype, what: str) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row, rows x T x D in ``dtype`` on the CPU) for successive harvest batches of the rows;
+    non-finite values at valid positions are refused in one sentence naming ``what``."""
+    from metasae.activations.harvest import harvest_rows
+
+    r0 = 0
+    for acts in harvest_rows(lm, layer, tokens_RT, None, batch_rows):
+        acts = acts.to("cpu", dtype)
+        if not torch.isfinite(acts[mask_RT[r0:r0 + acts.shape[0]]].float()).all():
+            raise FloatingPointError(f"non-finite activations while harvesting {what} layer {layer}; "
+                                     "try model.dtype = 'float32'")
+        yield r0, acts
+        r0 += acts.shape[0]
 
 
 def _say(message: str) -> None:
@@ -537,24 +547,15 @@ class ActivationCache:
         if self.model_source is None:
             raise ValueError(f"split {split!r} is streamed (data.stream_splits): its activations are not on disk and "
                              "this cache was opened without a model to harvest them (open it through the pipeline)")
-        from metasae.activations.harvest import harvest_rows
-
         lm = self.model_source()
         tokens, mask = self.tokens(split), self.mask(split)
         rows_per_shard = max(1, int(self.manifest["key"]["shard_tokens"]) // self.ctx_len)
-        dt = _torch_cache_dtype(self.dtype)
         for a in range(0, tokens.shape[0], rows_per_shard):  # the writer's shards and harvest batches
             b = min(a + rows_per_shard, tokens.shape[0])
-            r0 = a
-            for acts in harvest_rows(lm, int(self.manifest["layer"]), tokens[a:b].long(), None, self.harvest_rows):
-                acts = acts.to("cpu", dt)
-                if not torch.isfinite(acts[mask[r0:r0 + acts.shape[0]]].float()).all():
-                    raise FloatingPointError(
-                        f"non-finite activations while harvesting the streamed {split} split (rows {r0}-"
-                        f"{r0 + acts.shape[0] - 1}) of {self.manifest['model']} layer {self.manifest['layer']}; "
-                        "try model.dtype = 'float32'")
-                yield r0, acts
-                r0 += acts.shape[0]
+            for r0, acts in _harvest_checked(lm, int(self.manifest["layer"]), tokens[a:b].long(), mask[a:b],
+                                             self.harvest_rows, _torch_cache_dtype(self.dtype),
+                                             f"the streamed {split} split (rows {a}-{b - 1}) of {self.manifest['model']}"):
+                yield a + r0, acts
 
     # -- massive activations -----------------------------------------------
     def token_norms(self, split: str) -> np.ndarray:

@@ -98,9 +98,10 @@ def score_embedding(client: Any, explanation: str, ctx: LatentContexts, rng: np.
     labels = [lab for _, _, lab in items]
     texts = [t for ex, p, _ in items for t in snippets(ex, p)]
     emb = enc.encode([explanation] + texts)
-    sims = (emb[1:] @ emb[0]).reshape(len(items), len(SNIPPET_WIDTHS)).mean(1)
+    W = len(SNIPPET_WIDTHS)
+    sims = (emb[1:] @ emb[0]).reshape(len(items), W).mean(1)
     return {"score": roc_auc(labels, [float(x) for x in sims]), "failed": False, "n": len(items), "labels": labels,
-            "similarity": [float(x) for x in sims], "passages": [snippets(ex, p)[-1] for ex, p, _ in items]}
+            "similarity": [float(x) for x in sims], "passages": texts[W - 1::W]}
 
 
 __all__ = ["SentenceEncoder", "default_encoder", "score_embedding", "embedding_items", "snippets", "SNIPPET_WIDTHS"]

@@ -112,37 +112,33 @@ class _Recon:
         self.n_tok += B
 
     def result(self) -> dict:
-        n_tok, n_elem, sse_std, s1, s2 = self.n_tok, self.n_elem, self.sse_std, self.s1, self.s2
-        sse_eer, sse_btk, l0_thr, sn1, sn2 = self.sse_eer, self.sse_btk, self.l0_thr, self.sn1, self.sn2
-        rss, norm_x, norm_hat, n_lat = self.rss, self.norm_x, self.norm_hat, self.n_lat
-        fused, thresholds, fire_counts = self.fused, self.thresholds, self.fire_counts
+        n_tok, n_elem = self.n_tok, self.n_elem
         if n_tok == 0:
             raise ValueError("no tokens: the activation stream was empty")
-        tss = s2 - float((s1 ** 2).sum()) / n_tok
-        fc = fire_counts.numpy()
+        tss = self.s2 - float((self.s1 ** 2).sum()) / n_tok
+        fc = self.fire_counts.numpy()
         out = {
             "n_tokens": n_tok,
-            "mse": sse_std / n_elem,
-            "explained_variance": 1.0 - rss / tss if tss > 0 else float("nan"),
+            "mse": self.sse_std / n_elem,
+            "explained_variance": 1.0 - self.rss / tss if tss > 0 else float("nan"),
             "l0": float(fc.sum()) / n_tok,
             "dead": int((fc == 0).sum()),
             "frac_alive": float((fc > 0).mean()),
             "firing_counts": fc,
             "firing_rates": fc / n_tok,
-            "mean_norm_x": norm_x / n_tok,
-            "mean_norm_x_hat": norm_hat / n_tok,
-            "threshold_rule": "global" if thresholds is None else "per_latent",
+            "mean_norm_x": self.norm_x / n_tok,
+            "mean_norm_x_hat": self.norm_hat / n_tok,
+            "threshold_rule": "global" if self.thresholds is None else "per_latent",
         }
-        if fused:
+        if self.fused:
             # one rule for every reconstruction metric: the SAE's global inference threshold
-            out["mse"] = sse_std / n_elem
             out["reconstruction_rule"] = "global threshold (L0 = k on held-out tokens)"
-            out["mse_eer"] = sse_eer / n_elem
-            out["mse_batchtopk"] = sse_btk / n_elem
-            out["l0_threshold"] = l0_thr / n_tok
-            tss_std = sn2 - float((sn1 ** 2).sum()) / n_tok
-            out["explained_variance_std"] = 1.0 - sse_std / tss_std if tss_std > 0 else float("nan")
-            out["dead_frac"] = out["dead"] / n_lat
+            out["mse_eer"] = self.sse_eer / n_elem
+            out["mse_batchtopk"] = self.sse_btk / n_elem
+            out["l0_threshold"] = self.l0_thr / n_tok
+            tss_std = self.sn2 - float((self.sn1 ** 2).sum()) / n_tok
+            out["explained_variance_std"] = 1.0 - self.sse_std / tss_std if tss_std > 0 else float("nan")
+            out["dead_frac"] = out["dead"] / self.n_lat
         return out
 
 
