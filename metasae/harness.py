@@ -85,6 +85,11 @@ THREAD_ENVS = ("METASAE_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 POLL_S = 0.2
 """How often the harness looks at its concurrent seed processes."""
 STOP_GRACE_S = 15.0
+# A kernel that dies before it answers kernel_info ran no cell: two kernels started at the
+# same moment can race for the same ports (jupyter_client picks free ports, then releases
+# them before the kernel binds).  Such a start is retried, after a short random pause.
+KERNEL_START_FAILURES = ("Kernel died before replying to kernel_info", "Kernel didn't respond in")
+KERNEL_START_TRIES = 3
 """How long a stopped seed process may take to shut its kernel down before it is killed."""
 
 
@@ -476,7 +481,26 @@ def _params(plan: Plan, nb: Notebook, seed: int | None, nb_out: Path,
 
 
 def _papermill(src: Path | str, output: Path | str, params: dict[str, Any], kernel: str, papermill: Any) -> str:
-    """Execute one notebook; '' on success, else the failure as one line."""
+    """Execute one notebook; '' on success, else the failure as one line.  A kernel that
+    died while starting (no cell ran) is started again, up to KERNEL_START_TRIES times."""
+    import random
+
+    for attempt in range(1, KERNEL_START_TRIES + 1):
+        failure = _papermill_once(src, output, params, kernel, papermill)
+        if not failure or not _kernel_start_failure(failure) or attempt == KERNEL_START_TRIES:
+            return failure
+        print(f"[metasae] the kernel for {Path(output).name} died while starting ({failure}); "
+              f"starting it again ({attempt + 1} of {KERNEL_START_TRIES})", file=sys.stderr, flush=True)
+        time.sleep(random.uniform(0.5, 2.0) * attempt)
+    return failure
+
+
+def _kernel_start_failure(failure: str) -> bool:
+    return any(text in failure for text in KERNEL_START_FAILURES)
+
+
+def _papermill_once(src: Path | str, output: Path | str, params: dict[str, Any], kernel: str,
+                    papermill: Any) -> str:
     try:
         papermill.execute_notebook(str(src), str(output), parameters=params, kernel_name=kernel,
                                    language="python",

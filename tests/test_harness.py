@@ -579,3 +579,31 @@ def test_git_state_is_taken_before_the_notebooks_write_into_the_tree(tiny: dict[
     harness.run(plan)
     data = json.loads((tiny["out"] / "results.json").read_text())
     assert data["commit"] == "c0ffee" and data["dirty"] is False and len(calls) == 1
+
+
+class _FlakyPapermill:
+    """execute_notebook raising the given errors in turn, then succeeding."""
+
+    def __init__(self, *errors: Exception) -> None:
+        self.errors, self.calls = list(errors), 0
+
+    def execute_notebook(self, *args: object, **kwargs: object) -> None:
+        self.calls += 1
+        if self.errors:
+            raise self.errors.pop(0)
+
+
+def test_kernel_that_dies_while_starting_is_started_again(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from metasae import harness
+
+    monkeypatch.setattr(harness.time, "sleep", lambda s: None)
+    died = RuntimeError("Kernel died before replying to kernel_info")
+    pm = _FlakyPapermill(died)
+    assert harness._papermill("a.ipynb", "b.ipynb", {}, "python3", pm) == ""
+    assert pm.calls == 2 and "starting it again (2 of 3)" in capsys.readouterr().err
+    pm = _FlakyPapermill(*[died] * harness.KERNEL_START_TRIES)  # never starts: the failure is reported
+    assert "Kernel died before replying" in harness._papermill("a.ipynb", "b.ipynb", {}, "python3", pm)
+    assert pm.calls == harness.KERNEL_START_TRIES
+    pm = _FlakyPapermill(ValueError("a cell failed"))  # a failure after cells ran is never retried
+    assert harness._papermill("a.ipynb", "b.ipynb", {}, "python3", pm) == "ValueError: a cell failed"
+    assert pm.calls == 1
