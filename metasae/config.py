@@ -324,10 +324,16 @@ class AutointerpConfig:
     """Name of the environment variable holding the key (the key itself is never stored)."""
     n_pairs: int = 20
     """Matched pairs scored (a random sample of the alive matched pairs)."""
+    n_pairs_embedding: int = 0
+    """More matched pairs, explained and scored by the embedding scorer only (it needs no judge),
+    beyond ``n_pairs``: they narrow the embedding comparisons' CIs at the explainer's cost alone."""
     window: int = 64
     """Tokens per context (ending at the firing token)."""
     n_explain_top: int = 30
     n_explain_per_lower: int = 5
+    explain_token_counts: int = 0
+    """List the N most frequent marked (firing) tokens of the explanation examples, with their
+    counts, above the examples; 0 = the paper's prompt (examples only)."""
     n_sim_per_quintile: int = 5
     n_fuzz_examples: int = 10
     """Activating examples per latent for fuzz/detection (as many non-activating)."""
@@ -353,6 +359,7 @@ class AutointerpConfig:
         if self.backend == "openai" and not self.base_url:
             raise ConfigError(f"{where}.base_url is required when {where}.backend is 'openai'")
         _nonneg_int(self.n_pairs, f"{where}.n_pairs")
+        _nonneg_int(self.n_pairs_embedding, f"{where}.n_pairs_embedding")
         _pos_int(self.window, f"{where}.window")
         for name in ("n_explain_top", "n_explain_per_lower", "n_sim_per_quintile", "n_fuzz_examples"):
             _pos_int(getattr(self, name), f"{where}.{name}")
@@ -361,6 +368,7 @@ class AutointerpConfig:
                 raise ConfigError(f"{where}.scorers has unknown scorer {s!r} (simulation, fuzz, detection, embedding)")
         if self.simulation_mode not in ("json", "logprob"):
             raise ConfigError(f"{where}.simulation_mode must be 'json' or 'logprob', not {self.simulation_mode!r}")
+        _nonneg_int(self.explain_token_counts, f"{where}.explain_token_counts")
         _pos_int(self.n_validation_latents, f"{where}.n_validation_latents")
         _pos_float(self.timeout_s, f"{where}.timeout_s")
         _nonneg_int(self.max_retries, f"{where}.max_retries")

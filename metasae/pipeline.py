@@ -645,7 +645,9 @@ def autointerp_seed(ctx: RunContext, seed: int, joint: str | None = None, progre
     eligible = np.nonzero(np.minimum(rj[match.idx_a], rs[match.idx_b]) * expected >= need)[0]
     rng = np.random.default_rng([seed, 17])
     n = min(cfg.n_pairs, len(eligible))
-    pick = np.sort(rng.choice(eligible, size=n, replace=False)) if n else np.array([], dtype=int)
+    n_emb = min(cfg.n_pairs_embedding, len(eligible) - n)  # then pairs for the embedding scorer alone
+    drawn = rng.choice(eligible, size=n + n_emb, replace=False) if n + n_emb else np.array([], dtype=int)
+    pick = np.concatenate([np.sort(drawn[:n]), np.sort(drawn[n:])]).astype(int)
     lj = [int(match.idx_a[i]) for i in pick]
     ls = [int(match.idx_b[i]) for i in pick]
     tokenizer = loaded_model(ctx).tokenizer
@@ -654,11 +656,13 @@ def autointerp_seed(ctx: RunContext, seed: int, joint: str | None = None, progre
     client = judge_client(ctx)
     adir = paths.seed_dir(ctx.out, seed) / "autointerp"
     rec_j = score_latents(joint, lj, ctx_j, client, cfg, adir, seed=seed, progress=progress,
-                          random_baseline=cfg.random_baseline_joint)
-    rec_s = score_latents("solo", ls, ctx_s, client, cfg, adir, seed=seed, progress=progress)
+                          random_baseline=cfg.random_baseline_joint, embedding_only=lj[n:])
+    rec_s = score_latents("solo", ls, ctx_s, client, cfg, adir, seed=seed, progress=progress,
+                          embedding_only=ls[n:])
     summary = summarize_pairs(rec_j, rec_s)
     out = {"joint": joint, "judge": {"backend": cfg.backend, "model": cfg.model},
            "n_matched_alive": len(match), "n_pairs_eligible": int(len(eligible)), "n_pairs_scored": n,
+           "n_pairs_embedding_only": int(n_emb),
            "pairs": [{"joint": a, "solo": b, "cosine": float(match.cosine[i])} for a, b, i in zip(lj, ls, pick)],
            "records_joint": rec_j, "records_solo": rec_s, "summary": summary,
            "vs_random": {"solo": summarize_vs_random(rec_s), "joint": summarize_vs_random(rec_j)},

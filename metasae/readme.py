@@ -205,15 +205,15 @@ def autointerp_verdicts(a: dict[str, Any]) -> list[str]:
     beat: list[str] = []
     if vr:
         beat = [k for k, v in vr.items() if _ci_excludes_zero(v) and (_num(v.get("diff")) or 0) > 0]
-        n = max((v.get("n") or 0) for v in vr.values())
-        out.append(f"* **Real latents.** On {n} latents of the solo SAE, the explanation beats a random one (95% CI "
+        n = _counts_text({k: v.get("n") or 0 for k, v in vr.items()}, "latents")
+        out.append(f"* **Real latents.** On {n} of the solo SAE, the explanation beats a random one (95% CI "
                    f"of the difference above 0) on {len(beat)} of {len(vr)} scores"
                    + (": " + ", ".join(f"{k} {_num(vr[k]['diff']):+.3f} [{_num(vr[k]['ci_low']):+.3f}, "
                                        f"{_num(vr[k]['ci_high']):+.3f}]" for k in beat) if beat else "")
                    + ".")
     jv = {k: _d(v) for k, v in _d(a.get("joint_vs_solo")).items()}
     if jv:
-        n = max((v.get("n_pairs") or 0) for v in jv.values())
+        n = _counts_text({k: v.get("n_pairs") or 0 for k, v in jv.items()}, "matched pairs")
         raw = [k for k, v in jv.items() if _significant(v.get("p"))]
         sig = holm({k: _num(v.get("p")) for k, v in jv.items()})
         if sig:
@@ -226,10 +226,21 @@ def autointerp_verdicts(a: dict[str, Any]) -> list[str]:
         if vr and not beat:
             tail += (" On real latents no score told the explanations from random ones, so these differences "
                      "say little about interpretability.")
-        out.append(f"* **Figure 2, joint against solo** ({n} matched pairs, seed {a.get('seed')}): "
+        out.append(f"* **Figure 2, joint against solo** ({n}, seed {a.get('seed')}): "
                    + ("; ".join(f"{k} {_fmt(v.get('delta'), '+.3f')} (p = {_fmt(v.get('p'), '.2g')}, "
                                 f"MDE {_fmt(v.get('mde'), '.3f')})" for k, v in jv.items())) + tail)
     return out
+
+
+def _counts_text(counts: dict[str, int], noun: str) -> str:
+    """'10 latents' when every score has the same count, else the most common count with the
+    others named: '10 latents (50 for embedding)'."""
+    if not counts:
+        return f"0 {noun}"
+    values = list(counts.values())
+    main = max(set(values), key=lambda v: (values.count(v), -values.index(v)))
+    others = ", ".join(f"{v} for {k}" for k, v in counts.items() if v != main)
+    return f"{main} {noun}" + (f" ({others})" if others else "")
 
 
 def holm(pvalues: dict[str, float | None], alpha: float | None = None) -> list[str]:

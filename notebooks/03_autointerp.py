@@ -94,7 +94,8 @@ if run_it and cfg.validation and seed == ctx.profile.seeds[0]:  # once per run: 
 if run_it:
     res = pipeline.autointerp_seed(ctx, seed)
     print(f"{res['n_matched_alive']} matched alive pairs, {res['n_pairs_eligible']} with enough firings for every "
-          f"context set; {res['n_pairs_scored']} scored; "
+          f"context set; {res['n_pairs_scored']} scored by every scorer, "
+          f"{res.get('n_pairs_embedding_only', 0)} more by the embedding scorer alone; "
           f"{res['n_failed']} LLM requests failed (recorded as missing)")
     summ = pd.DataFrame([{"scorer": s, **v} for s, v in res["summary"].items()])
     save_table(summ, f"autointerp_summary_seed{seed}", ctx.out,

@@ -224,6 +224,22 @@ def test_explainer_prompt_marks_final_token(ctx0):
         assert f"Example {j} (strength {e.strength}):" in user
 
 
+def test_explainer_prompt_lists_marked_token_counts() -> None:
+    from metasae.autointerp.contexts import Example
+    from metasae.autointerp.explain import marked_token_counts
+
+    def ex(*toks: str) -> Example:
+        return Example(0, len(toks) - 1, list(toks), np.zeros(len(toks)), 1.0, 0, 5)
+
+    exs = [ex("a", " the", " seek"), ex("x", "\n"), ex("y", " seek"), ex("z", "seek"), ex("w", ",")]
+    assert marked_token_counts(exs, 2) == [("seek", 3), ("\\n", 1)]  # ends stripped; ties first-seen
+    plain = explainer_messages(exs)[-1]["content"]
+    listed = explainer_messages(exs, 3)[-1]["content"]
+    assert "most frequent" not in plain and "Be specific" not in plain  # 0 = the paper's prompt
+    assert "most frequent first (count): <<seek>> (3), <<\\n>> (1), <<,>> (1)" in listed
+    assert listed.startswith(plain.rsplit("\n\n", 1)[0])  # the examples are unchanged
+
+
 def test_parse_explanation():
     assert parse_explanation("Explanation: The word 'too'.\nMore text") == "The word 'too'."
     assert parse_explanation("\n - dates in footnotes") == "dates in footnotes"
@@ -354,9 +370,39 @@ def test_score_latents_resumes_and_counts_failures(ctx0, tmp_path, data, firings
     calls = client.calls
     again = score_latents("solo", [0, 1], {0: ctx0, 1: skipped}, client, cfg, tmp_path, progress=False)
     assert client.calls == calls and again[0]["scores"] == recs[0]["scores"]
+    # another explainer prompt: the latent is explained and scored again, never reused
+    other = score_latents("solo", [0, 1], {0: ctx0, 1: skipped}, client, small_cfg(
+        scorers=["fuzz", "detection", "simulation"], explain_token_counts=5), tmp_path, progress=False)
+    assert client.calls > calls and other[0]["explain_token_counts"] == 5
     down = score_latents("joint", [0], {0: ctx0}, FakeClient(fail=True), cfg, tmp_path, progress=False)
     assert down[0]["explanation"] is None and down[0]["n_failed"] == 1 and count_failed(down) == 1
     assert all(v is None for v in down[0]["scores"].values())
+
+
+def test_embedding_only_latents_get_the_judge_free_scorers_alone(ctx0, tmp_path):
+    class Encoder:  # two axes: mentions FIRE, and everything else
+        def encode(self, texts):
+            v = np.array([[1.0 if "FIRE" in t else 0.0, 1.0] for t in texts])
+            return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    cfg = small_cfg(scorers=["fuzz", "embedding"])
+    client = FakeClient()
+    client.encoder = Encoder()
+    recs = score_latents("solo", [0, 5], {0: ctx0, 5: ctx0}, client, cfg, tmp_path, progress=False,
+                         embedding_only=[5])
+    assert set(recs[0]["scores"]) == {"fuzz", "fuzz_auc", "embedding"} and recs[0]["random_scores"]["fuzz"] is not None
+    assert set(recs[1]["scores"]) == {"embedding"} and set(recs[1]["random_scores"]) == {"embedding"}
+    assert recs[1]["explanation"] == GOOD and recs[1]["scores"]["embedding"] is not None
+    calls = client.calls  # the embedding-only record is final with its one scorer: reused
+    assert score_latents("solo", [5], {5: ctx0}, client, cfg, tmp_path, progress=False,
+                         embedding_only=[5])[0]["scores"] == recs[1]["scores"] and client.calls == calls
+    # a scorer a pair was not given is absent (not counted as dropped); a missing score is dropped
+    summ = summarize_pairs([{"scores": {"fuzz": 0.9, "embedding": 0.7}}, {"scores": {"embedding": 0.6}},
+                            {"scores": {"fuzz": None, "embedding": 0.8}}],
+                           [{"scores": {"fuzz": 0.5, "embedding": 0.4}}, {"scores": {"embedding": 0.5}},
+                            {"scores": {"fuzz": 0.6, "embedding": 0.3}}])
+    assert summ["embedding"]["n_pairs"] == 3 and summ["embedding"]["n_dropped"] == 0
+    assert summ["fuzz"]["n_pairs"] == 1 and summ["fuzz"]["n_dropped"] == 1
 
 
 def test_summarize_pairs():

@@ -3,7 +3,9 @@
 As in the paper's released code: the 50 explanation examples are shown with
 their strengths normalised 0-10 against the latent's maximum, the final token
 of each example (where the latent fired) is marked, and the model is asked for
-ONE concise sentence at temperature 0.
+ONE concise sentence at temperature 0.  ``explain_token_counts`` > 0 (the default
+profile's choice) also lists the most frequent marked tokens and asks for them to be
+named: a small explainer otherwise often answers with a generic sentence.
 """
 
 from __future__ import annotations
@@ -20,9 +22,26 @@ EXPLAINER_SYSTEM = (
 )
 
 EXPLAINER_MAX_TOKENS = 150
+SPECIFIC = ("Be specific: name the tokens, words or pattern it responds to and the context it needs, "
+            "not a generic description. ")
+"""Added to the question when the marked tokens are listed."""
 
 
-def explainer_messages(examples: Sequence[Example]) -> list[dict[str, str]]:
+def marked_token_counts(examples: Sequence[Example], n: int) -> list[tuple[str, int]]:
+    """The n most frequent marked (final) tokens of the examples, as shown to the explainer
+    (whitespace at the ends stripped, newlines escaped), with their counts; ties in first-seen order."""
+    counts: dict[str, int] = {}
+    for ex in examples:
+        if ex.tokens:
+            tok = ex.tokens[-1].strip().replace("\n", "\\n") or ex.tokens[-1].replace("\n", "\\n")
+            counts[tok] = counts.get(tok, 0) + 1
+    return sorted(counts.items(), key=lambda kv: -kv[1])[:n]  # sorted() is stable
+
+
+def explainer_messages(examples: Sequence[Example], token_counts: int = 0) -> list[dict[str, str]]:
+    """The explainer's prompt.  ``token_counts`` > 0 adds a line listing that many of the most
+    frequent marked tokens with their counts (a small explainer otherwise tends to answer with a
+    sentence that names no token, e.g. "a specific word or phrase")."""
     lines = [
         "Below are text excerpts in which one latent of a sparse autoencoder fires.",
         "THE FINAL TOKEN of each example, marked <<like this>>, is the token where the latent fired.",
@@ -31,11 +50,12 @@ def explainer_messages(examples: Sequence[Example]) -> list[dict[str, str]]:
     ]
     for j, ex in enumerate(examples, 1):
         lines.append(f"Example {j} (strength {ex.strength}): {example_text(ex, mark_final=True)}")
-    lines += [
-        "",
-        "In ONE concise sentence, what does this latent detect at the marked token? "
-        "Reply with the sentence only.",
-    ]
+    question = "In ONE concise sentence, what does this latent detect at the marked token? "
+    if token_counts > 0:
+        listed = ", ".join(f"<<{tok}>> ({c})" for tok, c in marked_token_counts(examples, token_counts))
+        lines += ["", f"The marked tokens, most frequent first (count): {listed}"]
+        question += SPECIFIC
+    lines += ["", question + "Reply with the sentence only."]
     return [{"role": "system", "content": EXPLAINER_SYSTEM}, {"role": "user", "content": "\n".join(lines)}]
 
 
@@ -64,5 +84,6 @@ def explain_latent(client: Any, ctx: LatentContexts, cfg: Any) -> str | None:
     """One explanation, or None when the answer is empty; :class:`LLMFailure` propagates
     so that the caller can count it."""
     max_tokens = max(int(getattr(cfg, "max_new_tokens", EXPLAINER_MAX_TOKENS)), 16)
-    comp = client.generate(explainer_messages(ctx.explain), max_tokens, temperature=0.0)
+    messages = explainer_messages(ctx.explain, int(getattr(cfg, "explain_token_counts", 0)))
+    comp = client.generate(messages, max_tokens, temperature=0.0)
     return parse_explanation(comp.text)

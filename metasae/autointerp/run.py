@@ -21,7 +21,7 @@ import numpy as np
 from metasae.autointerp.contexts import LatentContexts
 from metasae.autointerp.explain import explain_latent
 from metasae.autointerp.llm import LLMFailure
-from metasae.autointerp.scorers import SCORERS
+from metasae.autointerp.scorers import JUDGE_FREE_SCORERS, SCORERS
 from metasae.io import atomic_write_json
 
 RECORD_VERSION = 3  # 3: embedding scores of snippets ending at the firing token
@@ -75,8 +75,12 @@ def _is_final(rec: dict[str, Any] | None, scorers: Sequence[str]) -> bool:
 
 def score_latents(sae_name: str, latents: Sequence[int], contexts: dict[int, LatentContexts], client: Any,
                   cfg: Any, out_dir: str | Path, scorers: Sequence[str] | None = None, *, seed: int = 0,
-                  random_baseline: bool = True, progress: bool = True) -> list[dict[str, Any]]:
+                  random_baseline: bool = True, progress: bool = True,
+                  embedding_only: Sequence[int] = ()) -> list[dict[str, Any]]:
     """Explanation, scores and random-explanation scores for each latent, one record per latent.
+
+    The latents in ``embedding_only`` are scored by the scorers that need no judge (the
+    embedding scorer) and nothing else; their other scores are absent, not missing.
 
     A record is reused when it is complete and had no LLM failure; otherwise
     the latent is redone (with a cached client, only the failed requests go
@@ -90,23 +94,31 @@ def score_latents(sae_name: str, latents: Sequence[int], contexts: dict[int, Lat
     bar = _bar(progress)
     latents = [int(i) for i in latents]
     records: dict[int, dict[str, Any]] = {}
+    token_counts = int(getattr(cfg, "explain_token_counts", 0))
+    cheap = {int(i) for i in embedding_only}
+
+    def scorers_of(i: int) -> list[str]:
+        return [s for s in scorers if s in JUDGE_FREE_SCORERS] if i in cheap else scorers
 
     # Phase 1: explanations (needed first: the random baseline borrows other latents' explanations).
     for i in bar(latents, desc=f"{sae_name}: explain"):
         path = record_path(out_dir, sae_name, i)
         old = _load(path)
-        if _is_final(old, scorers):
+        if old and old.get("explain_token_counts", 0) != token_counts:
+            old = None  # explained with another prompt: explained and scored again
+        if _is_final(old, scorers_of(i)):
             records[i] = old  # type: ignore[assignment]
             continue
         ctx = contexts.get(i)
         rec: dict[str, Any] = {"version": RECORD_VERSION, "sae": sae_name, "latent": i, "judge": judge,
+                               "explain_token_counts": token_counts,
                                "explanation": None, "scores": {}, "random_scores": {}, "details": {},
                                "random_explanation": None, "random_source": None, "errors": [],
                                "n_failed": 0, "complete": False, "skip_reason": ""}
         if ctx is None or not ctx.ok:
             rec["skip_reason"] = "no contexts" if ctx is None else ctx.skip_reason
-            rec["scores"] = {s: None for s in scorers}
-            rec["random_scores"] = {s: None for s in scorers}
+            rec["scores"] = {s: None for s in scorers_of(i)}
+            rec["random_scores"] = {s: None for s in scorers_of(i)}
             rec["complete"] = True
             atomic_write_json(path, rec)
             records[i] = rec
@@ -131,8 +143,8 @@ def score_latents(sae_name: str, latents: Sequence[int], contexts: dict[int, Lat
             continue
         expl = rec["explanation"]
         if not expl:
-            rec["scores"] = {s: None for s in scorers}
-            rec["random_scores"] = {s: None for s in scorers}
+            rec["scores"] = {s: None for s in scorers_of(i)}
+            rec["random_scores"] = {s: None for s in scorers_of(i)}
             if not rec.get("explain_failed"):
                 rec["skip_reason"] = "empty explanation"
             rec["complete"] = True
@@ -144,7 +156,7 @@ def score_latents(sae_name: str, latents: Sequence[int], contexts: dict[int, Lat
             others = sorted(j for j in pool if j != i)
             cands = [(pool[j], f"latent {j}") for j in others] + [(e, "pool") for e in RANDOM_EXPLANATIONS]
             rec["random_explanation"], rec["random_source"] = cands[int(rrng.integers(len(cands)))]
-        for s in scorers:
+        for s in scorers_of(i):
             res = SCORERS[s](client, expl, ctx, np.random.default_rng([seed, i, 2]), cfg)
             rec["scores"][s] = res["score"]
             if "auc" in res:  # binary scorers: the threshold-free companion score
@@ -194,7 +206,8 @@ def summarize_pairs(records_joint: Sequence[dict[str, Any]], records_solo: Seque
         scorers = seen
     out: dict[str, dict[str, Any]] = {}
     for s in scorers:
-        pairs = [(rj["scores"].get(s), rs["scores"].get(s)) for rj, rs in zip(records_joint, records_solo)]
+        pairs = [(rj["scores"].get(s), rs["scores"].get(s)) for rj, rs in zip(records_joint, records_solo)
+                 if s in rj.get("scores", {}) or s in rs.get("scores", {})]  # a pair not given this scorer is not dropped
         ok = [(a, b) for a, b in pairs if a is not None and b is not None]
         j = np.array([a for a, _ in ok], dtype=float)
         so = np.array([b for _, b in ok], dtype=float)

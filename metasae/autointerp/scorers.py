@@ -396,3 +396,5 @@ SCORERS: dict[str, Callable[..., dict[str, Any]]] = {
     "detection": score_detection,
     "embedding": score_embedding,
 }
+JUDGE_FREE_SCORERS = ("embedding",)
+"""Scorers that need no judge (the explanation still needs the explainer)."""
