@@ -35,6 +35,7 @@ two Gloo processes, ``tests/test_distributed.py``):
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from typing import Iterable
@@ -157,7 +158,17 @@ def init(device: torch.device | str = "cpu", timeout_s: float = 600.0) -> DistCo
     if not dist.is_initialized():
         dist.init_process_group(backend, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s))
+        # left to the interpreter's teardown, Gloo's threads may abort the process as it exits
+        # ("terminate called without an active exception"): the group is destroyed first
+        atexit.register(_destroy)
     return DistContext(rank, world, backend)
+
+
+def _destroy() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 __all__ = ["DistContext", "DistributedError", "init", "world_from_env"]

@@ -51,10 +51,12 @@ class ForwardOutput(NamedTuple):
     """Mean squared error over batch and dims, in standardised space (the paper's L2)."""
     aux: Tensor
     """AuxK dead-latent loss, already weighted by aux_coef."""
-    l0: float
-    """Mean kept latents per input (exactly k unless fewer than k*B entries are positive)."""
+    l0: Tensor
+    """Mean kept latents per input, a float64 scalar (exactly k unless fewer than k*B entries
+    are positive); a tensor so that reading it (a host sync on a GPU) is left to the caller."""
     n_dead: int
-    min_kept: float
+    min_kept: Tensor
+    """The smallest positive kept pre-activation (0 when none is positive), a scalar tensor."""
 
 
 class _GatherPre(torch.autograd.Function):
@@ -286,15 +288,17 @@ class BatchTopKSAE(nn.Module):
         x_hat_n = self._decode_sparse(sel.f_idx, sel.offsets, vals, self.W_dec_FD) + self.b_dec_D
         mse = (x_hat_n - x_n).pow(2).mean()
 
-        positive = vals.detach() > 0
-        any_positive = bool(positive.any())
-        min_kept = float(vals.detach()[positive].min()) if any_positive else 0.0
+        # Everything below stays on the device but the dead-latent count (the AuxK branch):
+        # the smallest positive kept value (inf when none) drives the threshold's EMA.
+        v = vals.detach()
+        positive = v > 0
+        inf = torch.full((), math.inf, dtype=v.dtype, device=v.device)
+        m = torch.where(positive, v, inf).amin() if v.numel() else inf
         d = self.dist if update_stats else None
         if d is not None and d.world_size > 1:  # global over ranks: the smallest kept value, fired latents
-            m = d.all_reduce_(torch.tensor([min_kept if any_positive else math.inf], dtype=torch.float64,
-                                           device=vals.device), "min")
-            any_positive = bool(torch.isfinite(m).all())
-            min_kept = float(m) if any_positive else 0.0
+            m = d.all_reduce_(m.double().reshape(1), "min")[0]
+        any_positive = torch.isfinite(m)
+        min_kept = torch.where(any_positive, m, torch.zeros_like(m)).double()
         dead_F = self.since_fired_F >= self.cfg.dead_after_tokens
         n_dead = int(dead_F.sum())
         aux = mse.new_zeros(())
@@ -308,13 +312,13 @@ class BatchTopKSAE(nn.Module):
                     fired_F = d.all_reduce_(fired_F.to(torch.uint8), "max").bool()
                 self.since_fired_F += B * (d.world_size if d is not None else 1)
                 self.since_fired_F[fired_F] = 0
-                if any_positive:
-                    if float(self.threshold) < 0:
-                        self.threshold.fill_(min_kept)
-                    else:
-                        lr = self.cfg.threshold_lr
-                        self.threshold.mul_(1 - lr).add_(lr * min_kept)
-        l0 = float(positive.sum()) / B
+                # the first positive batch sets the threshold (it starts at -1), later ones move its
+                # EMA; bitwise what thr.mul_(1 - lr).add_(lr * float(min_kept)) gives
+                thr, lr = self.threshold, self.cfg.threshold_lr
+                ema = thr * (1 - lr) + (min_kept * lr).to(thr.dtype)
+                new = torch.where(thr < 0, min_kept.to(thr.dtype), ema)
+                thr.copy_(torch.where(any_positive, new, thr))
+        l0 = positive.sum().double() / B
         x_hat = self.unstandardize(x_hat_n, mu, std)
         return ForwardOutput(x_hat, mse + aux, mse, aux, l0, n_dead, min_kept)
 

@@ -27,7 +27,6 @@ global batch and gradients averaged; rank 0 writes the checkpoints.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import shutil
 import time
@@ -80,8 +79,12 @@ class RunState:
     meta_opt: torch.optim.Optimizer | None = None
     generator: torch.Generator | None = None
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    last_meta_mse: float = float("nan")
+    last_meta_mse: float | torch.Tensor = float("nan")
+    """The last meta step's MSE (a scalar tensor while training: read only when recorded)."""
     calibration: dict[str, float] | None = None
+    first_nonfinite: torch.Tensor | None = None
+    """(primary step, meta step j or -1) of the first non-finite loss, (-1, -1) while none: kept
+    on the device and read only at the checks (:meth:`FanOutTrainer._check_finite`)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -200,7 +203,7 @@ class FanOutTrainer:
         assert self.ckpt_root is not None
         for st in states:
             write_run_step(self.ckpt_root / st.spec.name, step, st.spec, st.primary, st.opt, st.meta, st.meta_opt,
-                           st.generator, st.history, {"last_meta_mse": st.last_meta_mse,
+                           st.generator, st.history, {"last_meta_mse": float(st.last_meta_mse),
                                                       "tokens": step * self.train_cfg.batch_size,
                                                       **({"threshold_calibration": st.calibration}
                                                          if st.calibration else {})},
@@ -290,13 +293,15 @@ class FanOutTrainer:
                         for j in range(n_m):
                             self._meta_step(st, step, j)
                 tokens_done += B
+                done = step + 1
+                if record or done in snapshot_steps or (done % every_ckpt == 0 and done != n_steps):
+                    self._check_finite(states)
                 if record:
                     tok_s = tokens_done / max(time.perf_counter() - t0, 1e-9)
                     for st in states:
                         st.history[-1]["tokens_per_s"] = tok_s
                     bar.set_postfix(tok_s=f"{tok_s:,.0f}")
                 bar.update(1)
-                done = step + 1
                 if done in snapshot_steps and self.ckpt_root is not None and (self.dist is None or self.dist.is_main):
                     for st in states:
                         if st.spec.name in snapshot_runs:
@@ -305,6 +310,7 @@ class FanOutTrainer:
                     self._commit(states, done, n_steps, complete=False)
         finally:
             bar.close()
+        self._check_finite(states)
         if calib is not None:
             for st in states:
                 st.calibration = st.primary.calibrate_threshold(calib())
@@ -331,8 +337,7 @@ class FanOutTrainer:
             loss = loss + spec.ortho_coef * pen
             if record:
                 pen_val = float(pen.detach())
-        if not math.isfinite(float(loss.detach())):
-            raise TrainingError(f"non-finite loss in run {spec.name} at primary step {step} (stage: training)")
+        self._note_finite(st, loss, step, -1)
         st.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.dist is not None:  # the gradient of the global mean loss
@@ -341,7 +346,8 @@ class FanOutTrainer:
         st.opt.step()
         sae.normalize_decoder()
         if record:
-            loss_v, mse_v, aux_v, l0_v = float(loss.detach()), float(out.mse.detach()), float(out.aux.detach()), out.l0
+            loss_v, mse_v, aux_v, l0_v = (float(loss.detach()), float(out.mse.detach()), float(out.aux.detach()),
+                                          float(out.l0))
             if self.dist is not None:  # the history holds global means (equal shards: the mean of the ranks')
                 vals = torch.tensor([loss_v, mse_v, aux_v, l0_v], dtype=torch.float64)
                 self.dist.all_reduce_mean_([vals])
@@ -350,22 +356,46 @@ class FanOutTrainer:
                 "step": step + 1, "tokens": (step + 1) * self.train_cfg.batch_size, "loss": loss_v,
                 "mse": mse_v, "aux": aux_v, "l0": l0_v,
                 "n_dead": out.n_dead, "threshold": float(sae.threshold), "penalty": pen_val,
-                "meta_mse": st.last_meta_mse,
+                "meta_mse": float(st.last_meta_mse),
             })
 
     def _meta_step(self, st: RunState, step: int, j: int) -> None:
         meta = st.meta
         assert meta is not None and st.meta_opt is not None
         out = meta.forward_train(st.primary.W_dec_FD.detach(), self.autocast)
-        if not math.isfinite(float(out.loss.detach())):
-            raise TrainingError(f"non-finite meta loss in run {st.spec.name} after primary step {step} "
-                                f"(stage: meta step {j})")
+        self._note_finite(st, out.loss, step, j)
         st.meta_opt.zero_grad(set_to_none=True)
         out.loss.backward()
         meta.remove_parallel_grad()
         st.meta_opt.step()
         meta.normalize_decoder()
-        st.last_meta_mse = float(out.mse.detach())
+        st.last_meta_mse = out.mse.detach()
+
+    @staticmethod
+    def _note_finite(st: RunState, loss: torch.Tensor, step: int, j: int) -> None:
+        """Remember, on the device, the first step whose loss is not finite (no host sync)."""
+        if st.first_nonfinite is None:
+            st.first_nonfinite = torch.full((2,), -1, dtype=torch.int64, device=loss.device)
+        first = st.first_nonfinite
+        bad = ~torch.isfinite(loss.detach()) & (first[0] < 0)
+        # Python scalars, not a tensor built from host data (that copy would be a sync itself)
+        at_step, at_j = torch.where(bad, step, first[0]), torch.where(bad, j, first[1])
+        first[0], first[1] = at_step, at_j
+
+    @staticmethod
+    def _check_finite(states: list[RunState]) -> None:
+        """Raise for the first non-finite loss noted since the start (one host sync per run).
+        Called on recorded steps and before anything is written, so nothing non-finite is saved."""
+        for st in states:
+            if st.first_nonfinite is None:
+                continue
+            step, j = (int(v) for v in st.first_nonfinite.tolist())
+            if step < 0:
+                continue
+            if j < 0:
+                raise TrainingError(f"non-finite loss in run {st.spec.name} at primary step {step} (stage: training)")
+            raise TrainingError(f"non-finite meta loss in run {st.spec.name} after primary step {step} "
+                                f"(stage: meta step {j})")
 
 
 def torch_threads(configured: int = 0) -> int:

@@ -377,3 +377,41 @@ def test_damaged_trainer_commit_is_an_integrity_error(trained):
     with pytest.raises(IntegrityError) as exc:
         load_trained_run(trained, "solo", rebuild_hint="bash run_all.sh --profile smoke")
     assert str(target) in str(exc.value)
+
+
+@pytest.mark.parametrize("stage", ["primary", "meta"])
+def test_non_finite_loss_is_noted_on_the_device_and_stops_before_a_commit(tmp_path, monkeypatch, stage):
+    """The loss is not read each step (a host sync on a GPU): the first non-finite one is kept on
+    the device, reported with its step at the next check, and nothing after the last commit is saved."""
+    import metasae.trainer as trainer_mod
+
+    if stage == "primary":
+        real, calls = trainer_mod.orthogonality_penalty, {"n": 0}
+
+        def penalty(*a, **kw):
+            calls["n"] += 1
+            out = real(*a, **kw)
+            return out * float("nan") if calls["n"] == 4 else out  # primary step 3 (0-based)
+
+        monkeypatch.setattr(trainer_mod, "orthogonality_penalty", penalty)
+        runs = [RunSpec("ortho", "ortho", seed=1, ortho_coef=0.1)]
+        want = "non-finite loss in run ortho at primary step 3 (stage: training)"
+    else:
+        real_fwd, calls = trainer_mod.BatchTopKSAE.forward_train, {"n": 0}
+
+        def forward_train(self, x, *a, **kw):
+            out = real_fwd(self, x, *a, **kw)
+            if self.cfg.n_latents == META.n_latents:  # the meta SAE
+                calls["n"] += 1
+                if calls["n"] == 2:  # the meta step after primary step 3
+                    return out._replace(loss=out.loss * float("nan"))
+            return out
+
+        monkeypatch.setattr(trainer_mod.BatchTopKSAE, "forward_train", forward_train)
+        runs = [RunSpec("joint", "joint", seed=1, lambda2=0.3, sigma2=1.0)]
+        want = "non-finite meta loss in run joint after primary step 3 (stage: meta step 0)"
+    with pytest.raises(TrainingError) as exc:
+        _train(tmp_path / "ckpt", n_steps=6, runs=runs)
+    assert want in str(exc.value)
+    tr = json.loads((tmp_path / "ckpt" / "trainer.json").read_text())
+    assert tr["step"] == 2 and not tr["complete"]  # the commit at step 4 never happened
