@@ -42,6 +42,12 @@ STATE_FILE = "state.safetensors"
 TRAINER_FILE = "trainer.json"
 
 
+def pass_trainer_file(i: int) -> str:
+    """The commit record of pass `i` of a fan-out trained in several passes (``train.runs_per_pass``);
+    ``trainer.json`` is then written once every pass is complete."""
+    return f"trainer.pass{i}.json"
+
+
 def step_dirname(step: int) -> str:
     return f"step{step:08d}"
 
@@ -219,9 +225,10 @@ class TrainedRun:
     folder: Path
 
 
-def read_trainer(ckpt_root: Path, rebuild_hint: str = "") -> dict[str, Any] | None:
-    """The fan-out's commit record, or None before the first commit."""
-    p = Path(ckpt_root) / TRAINER_FILE
+def read_trainer(ckpt_root: Path, rebuild_hint: str = "", name: str = TRAINER_FILE) -> dict[str, Any] | None:
+    """The fan-out's commit record (``name``: a pass's own, :func:`pass_trainer_file`), or None
+    before the first commit."""
+    p = Path(ckpt_root) / name
     if not p.is_file():
         return None
     tr = _read_json_or_raise(p, rebuild_hint or f"delete {ckpt_root} and rerun the training stage")

@@ -244,6 +244,11 @@ class TrainConfig:
     device: str = "cpu"
     """Where the SAEs train: 'cpu', 'cuda', 'cuda:N' or 'auto' (cuda when available).
     Checkpoints are always written from CPU copies, so they load anywhere."""
+    runs_per_pass: int = 0
+    """At most this many SAEs train at once; a seed's run list is then trained in several
+    passes over the same batches in the same order (each run's weights are those of one
+    pass with every run: tested), so that a large fan-out fits the GPU's memory.  A streamed
+    training split is harvested again for each pass.  0 = every run of a seed in one pass."""
 
     def validate(self, where: str = "train") -> None:
         _pos_int(self.batch_size, f"{where}.batch_size")
@@ -253,6 +258,7 @@ class TrainConfig:
         _pos_int(self.checkpoint_every_steps, f"{where}.checkpoint_every_steps")
         _pos_int(self.eval_every_steps, f"{where}.eval_every_steps")
         _nonneg_int(self.threads, f"{where}.threads")
+        _nonneg_int(self.runs_per_pass, f"{where}.runs_per_pass")
         for v in self.snapshot_fractions:
             if not isinstance(v, (int, float)) or not 0.0 < v < 1.0:
                 raise ConfigError(f"{where}.snapshot_fractions values must be in (0, 1), not {v!r}")
@@ -559,8 +565,17 @@ class Profile:
             raise ConfigError(f"grid produces duplicate run names: {sorted(n for n in names if names.count(n) > 1)}")
         return runs
 
+    def train_passes(self, seed: int) -> list[list[RunSpec]]:
+        """The run list of `seed` cut, in order, into as few passes as ``train.runs_per_pass`` allows,
+        of sizes that differ by at most one (9 runs at 4 a pass: 3, 3, 3)."""
+        runs = self.runs_for_seed(seed)
+        size = self.train.runs_per_pass or len(runs)
+        n = -(-len(runs) // size)
+        cuts = [len(runs) * i // n for i in range(n + 1)]
+        return [runs[a:b] for a, b in zip(cuts, cuts[1:])]
+
     def train_memory_bytes(self, seed: int | None = None) -> int:
-        """Estimated peak memory of one seed's fan-out trainer (the largest seed when None).
+        """Estimated peak memory of one pass of a seed's fan-out trainer (the largest when None).
 
         Per SAE: W_enc, W_dec and b_dec in fp32, their gradients and Adam's two
         moments (x4), plus a meta SAE for joint runs; per step: the B x n
@@ -571,16 +586,17 @@ class Profile:
         seeds = [seed] if seed is not None else list(self.seeds)
         best = 0
         for s in seeds:
-            total = 0
-            for r in self.runs_for_seed(s):
-                total += 4 * (2 * n * d + d) * 4
-                if r.kind == "joint":
-                    m = r.meta_latents or self.meta.n_latents
-                    total += 4 * (2 * m * d + d) * 4 + n * d * 4 * 3
-                if r.kind == "ortho":
-                    total += min(n, 4096) ** 2 * 6
-            total += B * n * (2 + 4 + 4) + B * d * 4 * 6
-            best = max(best, total)
+            for group in self.train_passes(s):
+                total = 0
+                for r in group:
+                    total += 4 * (2 * n * d + d) * 4
+                    if r.kind == "joint":
+                        m = r.meta_latents or self.meta.n_latents
+                        total += 4 * (2 * m * d + d) * 4 + n * d * 4 * 3
+                    if r.kind == "ortho":
+                        total += min(n, 4096) ** 2 * 6
+                total += B * n * (2 + 4 + 4) + B * d * 4 * 6
+                best = max(best, total)
         return int(best * 1.25)
 
     def is_full_seed(self, seed: int) -> bool:

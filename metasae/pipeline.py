@@ -121,7 +121,7 @@ def train_seed(ctx: RunContext, seed: int, progress: bool = True, dist: Any = No
     ``dist`` (:func:`metasae.distributed.init`, under torchrun): data parallel; rank 0 builds
     the activation cache while the others wait, and every rank trains on its rows of each
     global batch (of a streamed split, each rank harvests only its own rows)."""
-    from metasae.trainer import FanOutTrainer
+    from metasae.trainer import train_in_passes
 
     p = ctx.profile
     set_threads(ctx)
@@ -154,12 +154,11 @@ def train_seed(ctx: RunContext, seed: int, progress: bool = True, dist: Any = No
             return cache.valid_acts("calib", B)
 
         commit, dirty = git_state()
-        trainer = FanOutTrainer(p.sae, p.meta, p.train, runs, ckpt_root=root, progress=progress and main, dist=dist,
-                                desc=f"seed {seed}: {len(runs)} SAEs", rebuild_hint=_rebuild_hint(ctx, root),
-                                export_metadata=saelens_export_metadata(p, cache.manifest["bos_token_id"], cut,
-                                                                        commit, dirty))
-        trainer.train(batches, n_steps, calib=calib, snapshot_steps=snapshot_steps(ctx, n_steps),
-                      snapshot_runs=("solo", p.replicated_run))
+        train_in_passes(p.sae, p.meta, p.train, p.train_passes(seed), batches, n_steps, root, calib=calib,
+                        snapshot_steps=snapshot_steps(ctx, n_steps), snapshot_runs=("solo", p.replicated_run),
+                        desc=f"seed {seed}: {len(runs)} SAEs", progress=progress and main, dist=dist,
+                        rebuild_hint=_rebuild_hint(ctx, root),
+                        export_metadata=saelens_export_metadata(p, cache.manifest["bos_token_id"], cut, commit, dirty))
     _TRAINED[key] = {r.name: load_trained_run(root, r.name, _rebuild_hint(ctx, root)) for r in runs}
     return _TRAINED[key]
 

@@ -228,13 +228,14 @@ def estimate(profile: Profile, jobs: int = 1, calib: Calibration | None = None, 
     steps = _steps(profile)
     kinds = [r.kind for s in profile.seeds for r in profile.runs_for_seed(s)]
     parallel = 1 if on_gpu else max(1, min(jobs, len(profile.seeds)))
-    train_mem = profile.train_memory_bytes()
+    train_mem = profile.train_memory_bytes()  # of the largest pass
+    n_passes = sum(len(profile.train_passes(s)) for s in profile.seeds)
     train_s = None
     streamed = "train" in profile.data.stream_splits
     if calib is not None:
         per_step_harvest = (_harvest_seconds(calib, params_run, B) or 0.0) if streamed else 0.0
         per_seed = [(sum(calib.step_s.get(r.kind, calib.step_s["solo"]) for r in profile.runs_for_seed(s))
-                     + per_step_harvest) * steps for s in profile.seeds]
+                     + per_step_harvest * len(profile.train_passes(s))) * steps for s in profile.seeds]
         train_s = _parallel_time(per_seed, parallel)
     # the mixing buffer (cache dtype), its shuffled copy and a refill
     buffer = profile.data.buffer_tokens * d * DTYPE_BYTES[profile.data.cache_dtype] * 3 if streamed else 0
@@ -245,7 +246,10 @@ def estimate(profile: Profile, jobs: int = 1, calib: Calibration | None = None, 
                              train_ram, train_gpu, train_s,
                              f"tokens counted once per SAE: {len(kinds)} SAEs over {len(profile.seeds)} seeds, "
                              f"{steps:,} steps of {B:,} tokens"
-                             + ("; the training split is streamed (harvested again by every seed)" if streamed else "")))
+                             + (f"; at most {profile.train.runs_per_pass} SAEs at once ({n_passes} passes)"
+                                if n_passes > len(profile.seeds) else "")
+                             + ("; the training split is streamed (harvested again by every seed"
+                                + (" and pass" if n_passes > len(profile.seeds) else "") + ")" if streamed else "")))
 
     dc = profile.data
     phi_tokens = dc.phi_tokens

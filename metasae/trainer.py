@@ -45,6 +45,7 @@ from metasae.checkpoint import (
     export_saelens_meta,
     load_optimizer_tensors,
     load_sae_tensors,
+    pass_trainer_file,
     read_run_step,
     read_trainer,
     saelens_run_metadata,
@@ -111,7 +112,8 @@ class FanOutTrainer:
 
     def __init__(self, sae_cfg: SAEConfig, meta_cfg: MetaConfig, train_cfg: TrainConfig, runs: list[RunSpec],
                  ckpt_root: str | Path | None = None, progress: bool = True, desc: str = "train",
-                 rebuild_hint: str = "", export_metadata: dict[str, Any] | None = None, dist: Any = None):
+                 rebuild_hint: str = "", export_metadata: dict[str, Any] | None = None, dist: Any = None,
+                 trainer_file: str = TRAINER_FILE):
         sae_cfg.validate("sae")
         train_cfg.validate("train")
         if not runs:
@@ -134,6 +136,8 @@ class FanOutTrainer:
         self.sae_cfg, self.meta_cfg, self.train_cfg, self.runs = sae_cfg, meta_cfg, train_cfg, runs
         self.ckpt_root = Path(ckpt_root) if ckpt_root else None
         self.progress, self.desc = progress, desc
+        self.trainer_file = trainer_file
+        """The commit record's name in ``ckpt_root`` (a pass's own when a seed trains in passes)."""
         self.rebuild_hint = rebuild_hint or f"delete {self.ckpt_root} and rerun the training stage"
         """What an IntegrityError on resume tells the user to run (the pipeline passes its command)."""
         self.export_metadata = dict(export_metadata or {})
@@ -216,7 +220,7 @@ class FanOutTrainer:
                 export_saelens(st.primary, folder, metadata=metadata)
                 if st.meta is not None:
                     export_saelens_meta(st.meta, folder / SAELENS_META_DIR, metadata)
-        atomic_write_json(self.ckpt_root / TRAINER_FILE, {
+        atomic_write_json(self.ckpt_root / self.trainer_file, {
             "step": step, "n_steps": n_steps, "complete": complete, "fingerprint": self.fingerprint(n_steps),
             "runs": [s.spec.name for s in states], "batch_size": self.train_cfg.batch_size,
             "tokens": step * self.train_cfg.batch_size,
@@ -248,7 +252,7 @@ class FanOutTrainer:
         start = 0
         states: list[RunState] | None = None
         if self.ckpt_root is not None:
-            tr = read_trainer(self.ckpt_root, self.rebuild_hint)
+            tr = read_trainer(self.ckpt_root, self.rebuild_hint, self.trainer_file)
             if tr is not None:
                 if tr.get("fingerprint") != self.fingerprint(n_steps):
                     raise ConfigError(
@@ -396,6 +400,44 @@ class FanOutTrainer:
                 raise TrainingError(f"non-finite loss in run {st.spec.name} at primary step {step} (stage: training)")
             raise TrainingError(f"non-finite meta loss in run {st.spec.name} after primary step {step} "
                                 f"(stage: meta step {j})")
+
+
+def train_in_passes(sae_cfg: SAEConfig, meta_cfg: MetaConfig, train_cfg: TrainConfig, passes: list[list[RunSpec]],
+                    batches: BatchSource, n_steps: int, ckpt_root: str | Path,
+                    calib: Callable[[], Iterator[torch.Tensor]] | None = None, snapshot_steps: tuple[int, ...] = (),
+                    snapshot_runs: tuple[str, ...] = (), desc: str = "train", **kw: Any) -> None:
+    """Train every run of `passes`, one :class:`FanOutTrainer` per pass, each over the same
+    batches in the same order (``batches(0)`` is read again for each pass).
+
+    One pass is the plain fan-out (its commit record is ``trainer.json``).  With several, each
+    pass commits to its own record (:func:`~metasae.checkpoint.pass_trainer_file`) and resumes
+    from it; ``trainer.json`` is written once all are complete, listing every run.  A run's
+    computation reads only the batch and its own state, so its weights equal those of one pass
+    with every run (tested bitwise)."""
+    root = Path(ckpt_root)
+    if len(passes) == 1:
+        FanOutTrainer(sae_cfg, meta_cfg, train_cfg, passes[0], ckpt_root=root, desc=desc, **kw).train(
+            batches, n_steps, calib=calib, snapshot_steps=snapshot_steps, snapshot_runs=snapshot_runs)
+        return
+    fingerprints = []
+    for i, runs in enumerate(passes):
+        trainer = FanOutTrainer(sae_cfg, meta_cfg, train_cfg, runs, ckpt_root=root, trainer_file=pass_trainer_file(i),
+                                desc=f"{desc}, pass {i + 1} of {len(passes)}", **kw)
+        trainer.train(batches, n_steps, calib=calib, snapshot_steps=snapshot_steps, snapshot_runs=snapshot_runs)
+        fingerprints.append(trainer.fingerprint(n_steps))
+        dist = trainer.dist
+        del trainer  # its states (weights, Adam moments) go before the next pass allocates its own
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    if dist is None or dist.is_main:
+        atomic_write_json(root / TRAINER_FILE, {
+            "step": n_steps, "n_steps": n_steps, "complete": True,
+            "fingerprint": config_fingerprint({"passes": fingerprints}),
+            "runs": [r.name for runs in passes for r in runs], "batch_size": train_cfg.batch_size,
+            "tokens": n_steps * train_cfg.batch_size, "passes": [pass_trainer_file(i) for i in range(len(passes))],
+        })
+    if dist is not None:
+        dist.barrier()
 
 
 def torch_threads(configured: int = 0) -> int:

@@ -415,3 +415,57 @@ def test_non_finite_loss_is_noted_on_the_device_and_stops_before_a_commit(tmp_pa
     assert want in str(exc.value)
     tr = json.loads((tmp_path / "ckpt" / "trainer.json").read_text())
     assert tr["step"] == 2 and not tr["complete"]  # the commit at step 4 never happened
+
+
+def test_runs_trained_in_passes_equal_one_pass_and_resume_by_pass(tmp_path):
+    """train.runs_per_pass: each pass reads the same batches again; every run's weights and history
+    equal those of one pass with every run (fp32, bitwise), and a kill in the second pass resumes it
+    without training the first again."""
+    from metasae.checkpoint import pass_trainer_file, read_trainer
+    from metasae.trainer import train_in_passes
+
+    runs = RUNS + [RunSpec("ortho", "ortho", seed=1, ortho_coef=0.1)]
+    n_steps = 6
+    FanOutTrainer(SAE, META, TRAIN, runs, ckpt_root=tmp_path / "one", progress=False).train(_batches(n_steps), n_steps)
+    passes = [runs[:1], runs[1:]]
+    reads = {"n": 0}
+
+    def killed_in_pass_two(start: int):
+        reads["n"] += 1
+        for i, x in enumerate(_batches(n_steps)(start), start):
+            if reads["n"] == 2 and i == 5:
+                raise KeyboardInterrupt  # after the commit at step 4 of the second pass
+            yield x
+
+    with pytest.raises(KeyboardInterrupt):
+        train_in_passes(SAE, META, TRAIN, passes, killed_in_pass_two, n_steps, tmp_path / "two", progress=False)
+    assert read_trainer(tmp_path / "two") is None  # not complete: no trainer.json yet
+    first = read_trainer(tmp_path / "two", name=pass_trainer_file(0))
+    second = read_trainer(tmp_path / "two", name=pass_trainer_file(1))
+    assert first["complete"] and first["runs"] == ["solo"] and second["step"] == 4 and not second["complete"]
+    solo_files = sorted((p, p.stat().st_mtime_ns) for p in (tmp_path / "two" / "solo").rglob("*") if p.is_file())
+    train_in_passes(SAE, META, TRAIN, passes, _batches(n_steps), n_steps, tmp_path / "two", progress=False)
+    assert sorted((p, p.stat().st_mtime_ns) for p in (tmp_path / "two" / "solo").rglob("*") if p.is_file()) == solo_files
+    tr = read_trainer(tmp_path / "two")
+    assert tr["complete"] and tr["runs"] == [r.name for r in runs] and tr["step"] == n_steps
+    for r in runs:
+        a, b = load_trained_run(tmp_path / "one", r.name), load_trained_run(tmp_path / "two", r.name)
+        for k, v in a.sae.state_dict().items():
+            assert torch.equal(v, b.sae.state_dict()[k]), (r.name, k)
+        if a.meta is not None:
+            for k, v in a.meta.state_dict().items():
+                assert torch.equal(v, b.meta.state_dict()[k]), (r.name, "meta", k)
+        strip = [[{k: v for k, v in h.items() if k != "tokens_per_s"} for h in t.history] for t in (a, b)]
+        assert strip[0] == strip[1], r.name
+
+
+def test_runs_per_pass_cuts_the_run_list_and_the_memory_plan():
+    from metasae.config import load_profile
+
+    p = load_profile("default")
+    runs = p.runs_for_seed(0)
+    one = p.train_memory_bytes(0)
+    p.train.runs_per_pass = 4
+    passes = p.train_passes(0)
+    assert [r.name for g in passes for r in g] == [r.name for r in runs] and [len(g) for g in passes] == [3, 4, 4, 4]
+    assert p.train_memory_bytes(0) < one / 2
