@@ -136,6 +136,7 @@ class FanOutTrainer:
         self.sae_cfg, self.meta_cfg, self.train_cfg, self.runs = sae_cfg, meta_cfg, train_cfg, runs
         self.ckpt_root = Path(ckpt_root) if ckpt_root else None
         self.progress, self.desc = progress, desc
+        self._bad_batch: torch.Tensor | None = None
         self.trainer_file = trainer_file
         """The commit record's name in ``ckpt_root`` (a pass's own when a seed trains in passes)."""
         self.rebuild_hint = rebuild_hint or f"delete {self.ckpt_root} and rerun the training stage"
@@ -271,8 +272,9 @@ class FanOutTrainer:
         share_norm = all(st.primary.cfg.input_norm == "standardize" for st in states)
         bar = tqdm(total=n_steps, initial=start, desc=self.desc, unit="step", disable=not self.progress,
                    dynamic_ncols=True)
-        it = batches(start)
+        it = _on_device(batches(start), self.device)
         step = start
+        self._bad_batch = None
         try:
             for step in range(start, n_steps):
                 try:
@@ -286,9 +288,8 @@ class FanOutTrainer:
                 if x.shape[0] != B_rank:
                     raise TrainingError(f"batch at step {step} has {x.shape[0]} rows; expected train.batch_size={B}"
                                         + (f" / {self.dist.world_size} processes" if self.dist is not None else ""))
-                x = x.to(self.device, non_blocking=True).float()
-                if not bool(torch.isfinite(x).all()):
-                    raise TrainingError(f"non-finite activations in the training batch at step {step}")
+                x = x.float()
+                self._note_batch(x, step)  # checked with the losses, without a host sync per step
                 x_norm = states[0].primary.standardize(x) if share_norm else None
                 record = (step + 1) % every_eval == 0 or step + 1 == n_steps
                 for st in states:
@@ -386,10 +387,19 @@ class FanOutTrainer:
         at_step, at_j = torch.where(bad, step, first[0]), torch.where(bad, j, first[1])
         first[0], first[1] = at_step, at_j
 
-    @staticmethod
-    def _check_finite(states: list[RunState]) -> None:
-        """Raise for the first non-finite loss noted since the start (one host sync per run).
-        Called on recorded steps and before anything is written, so nothing non-finite is saved."""
+    def _note_batch(self, x: torch.Tensor, step: int) -> None:
+        """Remember, on the device, the first training batch holding a non-finite value."""
+        if self._bad_batch is None:
+            self._bad_batch = torch.full((), -1, dtype=torch.int64, device=x.device)
+        bad = ~torch.isfinite(x).all() & (self._bad_batch < 0)
+        self._bad_batch.copy_(torch.where(bad, step, self._bad_batch))
+
+    def _check_finite(self, states: list[RunState]) -> None:
+        """Raise for the first non-finite training batch, else the first non-finite loss, noted
+        since the start (one host sync each).  Called on recorded steps and before anything is
+        written, so nothing non-finite is saved."""
+        if self._bad_batch is not None and int(self._bad_batch) >= 0:
+            raise TrainingError(f"non-finite activations in the training batch at step {int(self._bad_batch)}")
         for st in states:
             if st.first_nonfinite is None:
                 continue
@@ -400,6 +410,22 @@ class FanOutTrainer:
                 raise TrainingError(f"non-finite loss in run {st.spec.name} at primary step {step} (stage: training)")
             raise TrainingError(f"non-finite meta loss in run {st.spec.name} after primary step {step} "
                                 f"(stage: meta step {j})")
+
+
+def _on_device(batches: Iterator[torch.Tensor], device: torch.device) -> Iterator[torch.Tensor]:
+    """The batches on `device`.  On a GPU each is copied from pinned memory without blocking,
+    one batch ahead, so the copy of batch t + 1 overlaps step t; elsewhere as they come."""
+    if device.type != "cuda":
+        yield from batches
+        return
+    ahead = None
+    for x in batches:
+        x = x.to(device, non_blocking=True) if x.device.type != "cpu" else x.pin_memory().to(device, non_blocking=True)
+        if ahead is not None:
+            yield ahead
+        ahead = x
+    if ahead is not None:
+        yield ahead
 
 
 def train_in_passes(sae_cfg: SAEConfig, meta_cfg: MetaConfig, train_cfg: TrainConfig, passes: list[list[RunSpec]],
