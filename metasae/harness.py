@@ -85,12 +85,12 @@ THREAD_ENVS = ("METASAE_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 POLL_S = 0.2
 """How often the harness looks at its concurrent seed processes."""
 STOP_GRACE_S = 15.0
+"""How long a stopped seed process may take to shut its kernel down before it is killed."""
 # A kernel that dies before it answers kernel_info ran no cell: two kernels started at the
 # same moment can race for the same ports (jupyter_client picks free ports, then releases
 # them before the kernel binds).  Such a start is retried, after a short random pause.
 KERNEL_START_FAILURES = ("Kernel died before replying to kernel_info", "Kernel didn't respond in")
 KERNEL_START_TRIES = 3
-"""How long a stopped seed process may take to shut its kernel down before it is killed."""
 
 
 class HarnessError(RuntimeError):

@@ -230,6 +230,7 @@ def estimate(profile: Profile, jobs: int = 1, calib: Calibration | None = None, 
     parallel = 1 if on_gpu else max(1, min(jobs, len(profile.seeds)))
     train_mem = profile.train_memory_bytes()  # of the largest pass
     n_passes = sum(len(profile.train_passes(s)) for s in profile.seeds)
+    in_passes = n_passes > len(profile.seeds)  # some seed trains in more than one pass
     train_s = None
     streamed = "train" in profile.data.stream_splits
     if calib is not None:
@@ -247,9 +248,9 @@ def estimate(profile: Profile, jobs: int = 1, calib: Calibration | None = None, 
                              f"tokens counted once per SAE: {len(kinds)} SAEs over {len(profile.seeds)} seeds, "
                              f"{steps:,} steps of {B:,} tokens"
                              + (f"; at most {profile.train.runs_per_pass} SAEs at once ({n_passes} passes)"
-                                if n_passes > len(profile.seeds) else "")
+                                if in_passes else "")
                              + ("; the training split is streamed (harvested again by every seed"
-                                + (" and pass" if n_passes > len(profile.seeds) else "") + ")" if streamed else "")))
+                                + (" and pass" if in_passes else "") + ")" if streamed else "")))
 
     dc = profile.data
     phi_tokens = dc.phi_tokens

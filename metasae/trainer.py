@@ -379,27 +379,18 @@ class FanOutTrainer:
     @staticmethod
     def _note_finite(st: RunState, loss: torch.Tensor, step: int, j: int) -> None:
         """Remember, on the device, the first step whose loss is not finite (no host sync)."""
-        if st.first_nonfinite is None:
-            st.first_nonfinite = torch.full((2,), -1, dtype=torch.int64, device=loss.device)
-        first = st.first_nonfinite
-        bad = ~torch.isfinite(loss.detach()) & (first[0] < 0)
-        # Python scalars, not a tensor built from host data (that copy would be a sync itself)
-        at_step, at_j = torch.where(bad, step, first[0]), torch.where(bad, j, first[1])
-        first[0], first[1] = at_step, at_j
+        st.first_nonfinite = _first_nonfinite(st.first_nonfinite, loss.detach(), step, j)
 
     def _note_batch(self, x: torch.Tensor, step: int) -> None:
         """Remember, on the device, the first training batch holding a non-finite value."""
-        if self._bad_batch is None:
-            self._bad_batch = torch.full((), -1, dtype=torch.int64, device=x.device)
-        bad = ~torch.isfinite(x).all() & (self._bad_batch < 0)
-        self._bad_batch.copy_(torch.where(bad, step, self._bad_batch))
+        self._bad_batch = _first_nonfinite(self._bad_batch, x, step)
 
     def _check_finite(self, states: list[RunState]) -> None:
         """Raise for the first non-finite training batch, else the first non-finite loss, noted
         since the start (one host sync each).  Called on recorded steps and before anything is
         written, so nothing non-finite is saved."""
-        if self._bad_batch is not None and int(self._bad_batch) >= 0:
-            raise TrainingError(f"non-finite activations in the training batch at step {int(self._bad_batch)}")
+        if self._bad_batch is not None and int(self._bad_batch[0]) >= 0:
+            raise TrainingError(f"non-finite activations in the training batch at step {int(self._bad_batch[0])}")
         for st in states:
             if st.first_nonfinite is None:
                 continue
@@ -410,6 +401,17 @@ class FanOutTrainer:
                 raise TrainingError(f"non-finite loss in run {st.spec.name} at primary step {step} (stage: training)")
             raise TrainingError(f"non-finite meta loss in run {st.spec.name} after primary step {step} "
                                 f"(stage: meta step {j})")
+
+
+def _first_nonfinite(first: torch.Tensor | None, t: torch.Tensor, *where: int) -> torch.Tensor:
+    """``first`` (created as -1s, on t's device) set to ``where`` if it is still unset and `t`
+    holds a non-finite value: all on the device, no host sync (Python scalars, not a tensor
+    built from host data, whose copy would be a sync itself)."""
+    if first is None:
+        first = torch.full((len(where),), -1, dtype=torch.int64, device=t.device)
+    bad = ~torch.isfinite(t).all() & (first[0] < 0)
+    first.copy_(torch.stack([torch.where(bad, w, first[i]) for i, w in enumerate(where)]))
+    return first
 
 
 def _on_device(batches: Iterator[torch.Tensor], device: torch.device) -> Iterator[torch.Tensor]:
@@ -440,21 +442,20 @@ def train_in_passes(sae_cfg: SAEConfig, meta_cfg: MetaConfig, train_cfg: TrainCo
     from it; ``trainer.json`` is written once all are complete, listing every run.  A run's
     computation reads only the batch and its own state, so its weights equal those of one pass
     with every run (tested bitwise)."""
-    root = Path(ckpt_root)
-    if len(passes) == 1:
-        FanOutTrainer(sae_cfg, meta_cfg, train_cfg, passes[0], ckpt_root=root, desc=desc, **kw).train(
-            batches, n_steps, calib=calib, snapshot_steps=snapshot_steps, snapshot_runs=snapshot_runs)
-        return
+    root, one = Path(ckpt_root), len(passes) == 1
     fingerprints = []
     for i, runs in enumerate(passes):
-        trainer = FanOutTrainer(sae_cfg, meta_cfg, train_cfg, runs, ckpt_root=root, trainer_file=pass_trainer_file(i),
-                                desc=f"{desc}, pass {i + 1} of {len(passes)}", **kw)
+        trainer = FanOutTrainer(sae_cfg, meta_cfg, train_cfg, runs, ckpt_root=root,
+                                trainer_file=TRAINER_FILE if one else pass_trainer_file(i),
+                                desc=desc if one else f"{desc}, pass {i + 1} of {len(passes)}", **kw)
         trainer.train(batches, n_steps, calib=calib, snapshot_steps=snapshot_steps, snapshot_runs=snapshot_runs)
         fingerprints.append(trainer.fingerprint(n_steps))
         dist = trainer.dist
         del trainer  # its states (weights, Adam moments) go before the next pass allocates its own
-        if torch.cuda.is_available():
+        if not one and torch.cuda.is_available():
             torch.cuda.empty_cache()
+    if one:
+        return
     if dist is None or dist.is_main:
         atomic_write_json(root / TRAINER_FILE, {
             "step": n_steps, "n_steps": n_steps, "complete": True,
