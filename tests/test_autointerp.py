@@ -379,6 +379,57 @@ def test_score_latents_resumes_and_counts_failures(ctx0, tmp_path, data, firings
     assert all(v is None for v in down[0]["scores"].values())
 
 
+def test_explanations_come_in_batches_and_a_failed_one_loses_no_other(ctx0, tmp_path):
+    from metasae.autointerp.explain import EXPLAIN_BATCH
+
+    class Flaky(FakeClient):  # the explanation request of every third prompt in a batch fails
+        def __init__(self):
+            super().__init__()
+            self.explain_batches = []
+
+        def generate_batch(self, batch, max_new_tokens, temperature=0.0, want_logprobs=False):
+            if "ONE concise sentence" not in batch[0][-1]["content"]:
+                return super().generate_batch(batch, max_new_tokens, temperature, want_logprobs)
+            self.explain_batches.append(len(batch))
+            return [LLMFailure("timeout") if j % 3 == 2 else Completion(f"Explanation: {GOOD}")
+                    for j in range(len(batch))]
+
+    n = EXPLAIN_BATCH + 3
+    client = Flaky()
+    cfg = small_cfg(scorers=["fuzz"])
+    recs = score_latents("solo", list(range(n)), {i: ctx0 for i in range(n)}, client, cfg, tmp_path, progress=False)
+    assert client.explain_batches == [EXPLAIN_BATCH, 3]  # all pending latents, EXPLAIN_BATCH at a time
+    failed = [r["latent"] for r in recs if r.get("explain_failed")]
+    assert failed == [i for i in range(n) if (i % EXPLAIN_BATCH) % 3 == 2]
+    for r in recs:
+        if r["latent"] in failed:
+            assert r["explanation"] is None and r["n_failed"] == 1 and r["scores"]["fuzz"] is None
+        else:
+            assert r["explanation"] == GOOD and r["scores"]["fuzz"] == 1.0 and r["n_failed"] == 0
+    # the rerun asks again for the failed explanations only, in one batch
+    client.explain_batches.clear()
+    score_latents("solo", list(range(n)), {i: ctx0 for i in range(n)}, client, cfg, tmp_path, progress=False)
+    assert client.explain_batches == [len(failed)]
+
+
+def test_explain_latents_matches_one_at_a_time(ctx0):
+    from metasae.autointerp.explain import explain_latent, explain_latents
+
+    class Loop:  # no generate_batch: asked one latent at a time, failures in place
+        def __init__(self):
+            self.inner = FakeClient()
+
+        def generate(self, messages, *a, **k):
+            return self.inner.generate(messages, *a, **k)
+
+    cfg = small_cfg()
+    assert explain_latents(Loop(), [ctx0, ctx0], cfg) == [explain_latent(FakeClient(), ctx0, cfg)] * 2 == [GOOD] * 2
+    down = Loop()
+    down.inner.fail = True
+    out = explain_latents(down, [ctx0], cfg)
+    assert len(out) == 1 and isinstance(out[0], LLMFailure)
+
+
 def test_embedding_only_latents_get_the_judge_free_scorers_alone(ctx0, tmp_path):
     class Encoder:  # two axes: mentions FIRE, and everything else
         def encode(self, texts):

@@ -8,7 +8,7 @@ paired t-test).  Importing this package does not import torch or transformers.
 
 from metasae.autointerp.contexts import (Example, Firings, LatentContexts, TokenStrings, build_all_contexts,
                                          build_latent_contexts, collect_firings)
-from metasae.autointerp.explain import explain_latent, explainer_messages, parse_explanation
+from metasae.autointerp.explain import explain_latent, explain_latents, explainer_messages, parse_explanation
 from metasae.autointerp.llm import (CachedClient, Completion, HFLocalClient, LLMFailure, OpenAIClient,
                                     make_client)
 from metasae.autointerp.run import count_failed, score_latents, summarize_pairs
@@ -17,7 +17,7 @@ from metasae.autointerp.scorers import (SCORERS, balanced_accuracy, parse_binary
 
 __all__ = [
     "Example", "Firings", "LatentContexts", "TokenStrings", "build_all_contexts", "build_latent_contexts",
-    "collect_firings", "explain_latent", "explainer_messages", "parse_explanation", "CachedClient", "Completion",
+    "collect_firings", "explain_latent", "explain_latents", "explainer_messages", "parse_explanation", "CachedClient", "Completion",
     "HFLocalClient", "LLMFailure", "OpenAIClient", "make_client", "count_failed", "score_latents",
     "summarize_pairs", "SCORERS", "balanced_accuracy", "parse_binary", "parse_simulation", "score_detection",
     "score_fuzz", "score_simulation", "spearman_score",

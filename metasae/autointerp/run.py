@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from metasae.autointerp.contexts import LatentContexts
-from metasae.autointerp.explain import explain_latent
+from metasae.autointerp.explain import EXPLAIN_BATCH, explain_latents
 from metasae.autointerp.llm import LLMFailure
 from metasae.autointerp.scorers import JUDGE_FREE_SCORERS, SCORERS
 from metasae.io import atomic_write_json
@@ -100,7 +100,24 @@ def score_latents(sae_name: str, latents: Sequence[int], contexts: dict[int, Lat
     def scorers_of(i: int) -> list[str]:
         return [s for s in scorers if s in JUDGE_FREE_SCORERS] if i in cheap else scorers
 
-    # Phase 1: explanations (needed first: the random baseline borrows other latents' explanations).
+    # Phase 1: explanations (needed first: the random baseline borrows other latents' explanations),
+    # generated EXPLAIN_BATCH at a time; each record is written as soon as its batch is done.
+    pending: list[int] = []
+
+    def explain_pending() -> None:
+        if not pending:
+            return
+        for j, expl in zip(pending, explain_latents(client, [contexts[j] for j in pending], cfg)):
+            rec = records[j]
+            if isinstance(expl, LLMFailure):
+                rec["explain_failed"] = True
+                rec["errors"].append(f"explain: {expl}")
+                rec["n_failed"] += 1
+            else:
+                rec["explanation"] = expl
+            atomic_write_json(record_path(out_dir, sae_name, j), rec)
+        pending.clear()
+
     for i in bar(latents, desc=f"{sae_name}: explain"):
         path = record_path(out_dir, sae_name, i)
         old = _load(path)
@@ -123,17 +140,15 @@ def score_latents(sae_name: str, latents: Sequence[int], contexts: dict[int, Lat
             atomic_write_json(path, rec)
             records[i] = rec
             continue
+        records[i] = rec
         if old and old.get("explanation") and not old.get("explain_failed"):
             rec["explanation"] = old["explanation"]
+            atomic_write_json(path, rec)
         else:
-            try:
-                rec["explanation"] = explain_latent(client, ctx, cfg)
-            except LLMFailure as e:
-                rec["explain_failed"] = True
-                rec["errors"].append(f"explain: {e}")
-                rec["n_failed"] += 1
-        atomic_write_json(path, rec)
-        records[i] = rec
+            pending.append(i)
+            if len(pending) == EXPLAIN_BATCH:
+                explain_pending()
+    explain_pending()
 
     # Phase 2: scores with the explanation and with a random one, on the same examples.
     pool = {i: r["explanation"] for i, r in records.items() if r.get("explanation")}
