@@ -39,7 +39,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     from metasae.activations.corpus import load_documents, tokenize_rows, valid_mask
     from metasae.activations.models import load_model
-    from metasae.autointerp.explain import explain_latents, explainer_messages
+    from metasae.autointerp.explain import explain_latents, explainer_messages, prompt_settings
     from metasae.autointerp.llm import HFLocalClient
     from metasae.autointerp.validation import build_validation_contexts
     from metasae.config import load_profile
@@ -54,7 +54,7 @@ def main() -> None:
     ctxs = list(build_validation_contexts(rows.numpy(), valid_mask(rows, bos).numpy(), cfg, 0, tok,
                                           n_latents=a.n_latents).values())
     client = HFLocalClient(cfg.model)
-    lengths = [len(client.tokenizer(client._prompt(explainer_messages(c.explain, cfg.explain_token_counts)),
+    lengths = [len(client.tokenizer(client._prompt(explainer_messages(c.explain, *prompt_settings(cfg))),
                                     add_special_tokens=False)["input_ids"]) for c in ctxs]
     res = {"profile": a.profile, "explainer": cfg.model, "n_latents": len(ctxs), "threads": a.threads,
            "prompt_tokens_mean": sum(lengths) / len(lengths), "max_new_tokens": cfg.max_new_tokens,

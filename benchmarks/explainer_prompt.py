@@ -1,11 +1,12 @@
 """Does listing the marked tokens make the explainer's explanations informative?
 
     python benchmarks/explainer_prompt.py --run outputs/default [--seed 0] [--n-latents 20] \
-        [--counts 0,10] [--out benchmarks/results/explainer_prompt.json]
+        [--counts 0,10] [--contexts 0] [--out benchmarks/results/explainer_prompt.json]
 
 On a finished run's solo SAE, draws latents that fire often enough on the autointerp
 split to fill every context set (as ``pipeline.autointerp_seed`` does), explains each
-once per value of ``autointerp.explain_token_counts`` (0 = the paper's prompt alone) with
+once per value of ``autointerp.explain_token_counts`` (0 = the paper's prompt alone) and of
+``autointerp.explain_context`` (tokens of each example shown; 0 = the whole window) with
 the profile's explainer, and scores every explanation, and a random one drawn as the run
 does, with the embedding scorer and the judge's detection scorer.  Prints per prompt the
 mean of (real - random) with its 95% t CI per score, the explanations, the seconds and
@@ -32,6 +33,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-latents", type=int, default=20)
     p.add_argument("--counts", default="0,10", help="values of explain_token_counts to compare")
+    p.add_argument("--contexts", default="0", help="values of explain_context to compare (0: the whole window)")
     p.add_argument("--scorers", default="embedding,detection")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="")
@@ -66,16 +68,20 @@ def main() -> None:
            "n_eligible": int(len(eligible)), "threads": a.threads, "prompts": {}}
     with tempfile.TemporaryDirectory() as tmp:
         client = make_client(cfg0, cache_dir=Path(tmp) / "llm_cache")
+        contexts_shown = [int(x) for x in a.contexts.split(",")]
         for n in (int(x) for x in a.counts.split(",")):
-            cfg = dataclasses.replace(cfg0, scorers=a.scorers.split(","), explain_token_counts=n)
-            t1 = time.time()
-            recs = score_latents("solo", latents, contexts, client, cfg, Path(tmp) / f"counts{n}", seed=a.seed,
-                                 progress=False)
-            res["prompts"][f"explain_token_counts={n}"] = {
-                "seconds": time.time() - t1, "vs_random": summarize_vs_random(recs),
-                "explanations": {r["latent"]: r["explanation"] for r in recs},
-                "n_with_word_specific": sum(1 for r in recs if "specific" in (r["explanation"] or "").lower()),
-            }
+            for c in contexts_shown:
+                cfg = dataclasses.replace(cfg0, scorers=a.scorers.split(","), explain_token_counts=n,
+                                          explain_context=c)
+                key = f"explain_token_counts={n}" + (f",explain_context={c}" if contexts_shown != [0] else "")
+                t1 = time.time()
+                recs = score_latents("solo", latents, contexts, client, cfg, Path(tmp) / f"counts{n}_context{c}",
+                                     seed=a.seed, progress=False)
+                res["prompts"][key] = {
+                    "seconds": time.time() - t1, "vs_random": summarize_vs_random(recs),
+                    "explanations": {r["latent"]: r["explanation"] for r in recs},
+                    "n_with_word_specific": sum(1 for r in recs if "specific" in (r["explanation"] or "").lower()),
+                }
     finish(res, t0, a.out)
 
 

@@ -340,6 +340,9 @@ class AutointerpConfig:
     explain_token_counts: int = 0
     """List the N most frequent marked (firing) tokens of the explanation examples, with their
     counts, above the examples; 0 = the paper's prompt (examples only)."""
+    explain_context: int = 0
+    """Tokens of each explanation example shown to the explainer, ending at the firing token;
+    0 = the whole window.  The explainer's cost on a CPU is reading its prompt, which this sets."""
     n_sim_per_quintile: int = 5
     n_fuzz_examples: int = 10
     """Activating examples per latent for fuzz/detection (as many non-activating)."""
@@ -375,6 +378,7 @@ class AutointerpConfig:
         if self.simulation_mode not in ("json", "logprob"):
             raise ConfigError(f"{where}.simulation_mode must be 'json' or 'logprob', not {self.simulation_mode!r}")
         _nonneg_int(self.explain_token_counts, f"{where}.explain_token_counts")
+        _nonneg_int(self.explain_context, f"{where}.explain_context")
         _pos_int(self.n_validation_latents, f"{where}.n_validation_latents")
         _pos_float(self.timeout_s, f"{where}.timeout_s")
         _nonneg_int(self.max_retries, f"{where}.max_retries")

@@ -238,6 +238,9 @@ def test_explainer_prompt_lists_marked_token_counts() -> None:
     assert "most frequent" not in plain and "Be specific" not in plain  # 0 = the paper's prompt
     assert "most frequent first (count): <<seek>> (3), <<\\n>> (1), <<,>> (1)" in listed
     assert listed.startswith(plain.rsplit("\n\n", 1)[0])  # the examples are unchanged
+    short = explainer_messages(exs, 3, context=2)[-1]["content"]  # the last 2 tokens of each example
+    assert "Example 1 (strength 5):  the<< seek>>\n" in short and "Example 2 (strength 5): x<<\\n>>\n" in short
+    assert " a the" not in short and short.split("\n\n")[2:] == listed.split("\n\n")[2:]  # the rest unchanged
 
 
 def test_parse_explanation():
@@ -374,6 +377,11 @@ def test_score_latents_resumes_and_counts_failures(ctx0, tmp_path, data, firings
     other = score_latents("solo", [0, 1], {0: ctx0, 1: skipped}, client, small_cfg(
         scorers=["fuzz", "detection", "simulation"], explain_token_counts=5), tmp_path, progress=False)
     assert client.calls > calls and other[0]["explain_token_counts"] == 5
+    calls = client.calls
+    shorter = score_latents("solo", [0, 1], {0: ctx0, 1: skipped}, client, small_cfg(
+        scorers=["fuzz", "detection", "simulation"], explain_token_counts=5, explain_context=8), tmp_path,
+        progress=False)
+    assert client.calls > calls and shorter[0]["explain_context"] == 8
     down = score_latents("joint", [0], {0: ctx0}, FakeClient(fail=True), cfg, tmp_path, progress=False)
     assert down[0]["explanation"] is None and down[0]["n_failed"] == 1 and count_failed(down) == 1
     assert all(v is None for v in down[0]["scores"].values())

@@ -10,6 +10,7 @@ named: a small explainer otherwise often answers with a generic sentence.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any, Sequence
 
@@ -39,10 +40,13 @@ def marked_token_counts(examples: Sequence[Example], n: int) -> list[tuple[str, 
     return sorted(counts.items(), key=lambda kv: -kv[1])[:n]  # sorted() is stable
 
 
-def explainer_messages(examples: Sequence[Example], token_counts: int = 0) -> list[dict[str, str]]:
+def explainer_messages(examples: Sequence[Example], token_counts: int = 0, context: int = 0) -> list[dict[str, str]]:
     """The explainer's prompt.  ``token_counts`` > 0 adds a line listing that many of the most
     frequent marked tokens with their counts (a small explainer otherwise tends to answer with a
-    sentence that names no token, e.g. "a specific word or phrase")."""
+    sentence that names no token, e.g. "a specific word or phrase").  ``context`` > 0 shows only
+    the last ``context`` tokens of each example (the firing token and what precedes it)."""
+    if context > 0:
+        examples = [dataclasses.replace(ex, tokens=ex.tokens[-context:]) for ex in examples]
     lines = [
         "Below are text excerpts in which one latent of a sparse autoencoder fires.",
         "THE FINAL TOKEN of each example, marked <<like this>>, is the token where the latent fired.",
@@ -87,6 +91,11 @@ with the 1.5B judge and ~1,040-token prompts, 8 at once cost 25 s against 8 x 8.
 time: decoding reads the weights once per step for the whole batch (``benchmarks/explain_batch.py``)."""
 
 
+def prompt_settings(cfg: Any) -> tuple[int, int]:
+    """(explain_token_counts, explain_context) of an autointerp config: what shapes the prompt."""
+    return int(getattr(cfg, "explain_token_counts", 0)), int(getattr(cfg, "explain_context", 0))
+
+
 def _max_tokens(cfg: Any) -> int:
     return max(int(getattr(cfg, "max_new_tokens", EXPLAINER_MAX_TOKENS)), 16)
 
@@ -94,7 +103,7 @@ def _max_tokens(cfg: Any) -> int:
 def explain_latent(client: Any, ctx: LatentContexts, cfg: Any) -> str | None:
     """One explanation, or None when the answer is empty; :class:`LLMFailure` propagates
     so that the caller can count it."""
-    messages = explainer_messages(ctx.explain, int(getattr(cfg, "explain_token_counts", 0)))
+    messages = explainer_messages(ctx.explain, *prompt_settings(cfg))
     comp = client.generate(messages, _max_tokens(cfg), temperature=0.0)
     return parse_explanation(comp.text)
 
@@ -104,8 +113,7 @@ def explain_latents(client: Any, ctxs: Sequence[LatentContexts], cfg: Any) -> li
     per latent the sentence, None when the answer is empty, or the :class:`LLMFailure`
     (returned in place, so that one failed request never loses the others).  A client
     without ``generate_batch`` is asked one latent at a time."""
-    token_counts = int(getattr(cfg, "explain_token_counts", 0))
-    batch = [explainer_messages(c.explain, token_counts) for c in ctxs]
+    batch = [explainer_messages(c.explain, *prompt_settings(cfg)) for c in ctxs]
     if hasattr(client, "generate_batch"):
         comps: list[Any] = list(client.generate_batch(batch, _max_tokens(cfg), temperature=0.0))
     else:

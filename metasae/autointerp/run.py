@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from metasae.autointerp.contexts import LatentContexts
-from metasae.autointerp.explain import EXPLAIN_BATCH, explain_latents
+from metasae.autointerp.explain import EXPLAIN_BATCH, explain_latents, prompt_settings
 from metasae.autointerp.llm import LLMFailure
 from metasae.autointerp.scorers import JUDGE_FREE_SCORERS, SCORERS
 from metasae.io import atomic_write_json
@@ -94,7 +94,7 @@ def score_latents(sae_name: str, latents: Sequence[int], contexts: dict[int, Lat
     bar = _bar(progress)
     latents = [int(i) for i in latents]
     records: dict[int, dict[str, Any]] = {}
-    token_counts = int(getattr(cfg, "explain_token_counts", 0))
+    token_counts, explain_context = prompt_settings(cfg)
     cheap = {int(i) for i in embedding_only}
 
     def scorers_of(i: int) -> list[str]:
@@ -121,14 +121,15 @@ def score_latents(sae_name: str, latents: Sequence[int], contexts: dict[int, Lat
     for i in bar(latents, desc=f"{sae_name}: explain"):
         path = record_path(out_dir, sae_name, i)
         old = _load(path)
-        if old and old.get("explain_token_counts", 0) != token_counts:
+        if old and (old.get("explain_token_counts", 0), old.get("explain_context", 0)) != (token_counts,
+                                                                                          explain_context):
             old = None  # explained with another prompt: explained and scored again
         if _is_final(old, scorers_of(i)):
             records[i] = old  # type: ignore[assignment]
             continue
         ctx = contexts.get(i)
         rec: dict[str, Any] = {"version": RECORD_VERSION, "sae": sae_name, "latent": i, "judge": judge,
-                               "explain_token_counts": token_counts,
+                               "explain_token_counts": token_counts, "explain_context": explain_context,
                                "explanation": None, "scores": {}, "random_scores": {}, "details": {},
                                "random_explanation": None, "random_source": None, "errors": [],
                                "n_failed": 0, "complete": False, "skip_reason": ""}
