@@ -17,8 +17,8 @@ from metasae.autointerp.scorers import (SCORERS, balanced_accuracy, parse_binary
 
 __all__ = [
     "Example", "Firings", "LatentContexts", "TokenStrings", "build_all_contexts", "build_latent_contexts",
-    "collect_firings", "explain_latent", "explain_latents", "explainer_messages", "parse_explanation", "CachedClient", "Completion",
-    "HFLocalClient", "LLMFailure", "OpenAIClient", "make_client", "count_failed", "score_latents",
+    "collect_firings", "explain_latent", "explain_latents", "explainer_messages", "parse_explanation",
+    "CachedClient", "Completion", "HFLocalClient", "LLMFailure", "OpenAIClient", "make_client", "count_failed", "score_latents",
     "summarize_pairs", "SCORERS", "balanced_accuracy", "parse_binary", "parse_simulation", "score_detection",
     "score_fuzz", "score_simulation", "spearman_score",
 ]

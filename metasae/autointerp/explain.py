@@ -87,8 +87,9 @@ def parse_explanation(text: str | None, max_chars: int = 400) -> str | None:
 
 EXPLAIN_BATCH = 8
 """Explanations generated together (left-padded) by :func:`explain_latents`.  On 2 CPU cores
-with the 1.5B judge and ~1,040-token prompts, 8 at once cost 25 s against 8 x 8.3 s one at a
-time: decoding reads the weights once per step for the whole batch (``benchmarks/explain_batch.py``)."""
+with the 1.5B explainer and ~1,400-token prompts, 5.2 s each against 7.4 s one at a time
+(``benchmarks/explain_batch.py``): decoding reads the weights once per step for the whole
+batch; the prompts' prefill, most of what is left, does not shrink."""
 
 
 def prompt_settings(cfg: Any) -> tuple[int, int]:
