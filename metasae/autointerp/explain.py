@@ -15,7 +15,7 @@ import re
 from typing import Any, Sequence
 
 from metasae.autointerp.contexts import Example, LatentContexts, example_text
-from metasae.autointerp.llm import LLMFailure
+from metasae.autointerp.llm import LLMFailure, generate_batch
 
 EXPLAINER_SYSTEM = (
     "You are a precise scientific assistant who studies the internal features of a language model. "
@@ -104,24 +104,17 @@ def _max_tokens(cfg: Any) -> int:
 def explain_latent(client: Any, ctx: LatentContexts, cfg: Any) -> str | None:
     """One explanation, or None when the answer is empty; :class:`LLMFailure` propagates
     so that the caller can count it."""
-    messages = explainer_messages(ctx.explain, *prompt_settings(cfg))
-    comp = client.generate(messages, _max_tokens(cfg), temperature=0.0)
-    return parse_explanation(comp.text)
+    out = explain_latents(client, [ctx], cfg)[0]
+    if isinstance(out, LLMFailure):
+        raise out
+    return out
 
 
 def explain_latents(client: Any, ctxs: Sequence[LatentContexts], cfg: Any) -> list[str | None | LLMFailure]:
-    """The explanations of several latents in one batch (greedy, as :func:`explain_latent`):
-    per latent the sentence, None when the answer is empty, or the :class:`LLMFailure`
-    (returned in place, so that one failed request never loses the others).  A client
-    without ``generate_batch`` is asked one latent at a time."""
+    """The explanations of several latents in one batch (greedy): per latent the sentence,
+    None when the answer is empty, or the :class:`LLMFailure` (returned in place, so that one
+    failed request never loses the others).  A client without ``generate_batch`` is asked
+    one latent at a time."""
     batch = [explainer_messages(c.explain, *prompt_settings(cfg)) for c in ctxs]
-    if hasattr(client, "generate_batch"):
-        comps: list[Any] = list(client.generate_batch(batch, _max_tokens(cfg), temperature=0.0))
-    else:
-        comps = []
-        for m in batch:
-            try:
-                comps.append(client.generate(m, _max_tokens(cfg), temperature=0.0))
-            except LLMFailure as e:
-                comps.append(e)
+    comps = generate_batch(client, batch, _max_tokens(cfg), temperature=0.0)
     return [c if isinstance(c, LLMFailure) else parse_explanation(c.text) for c in comps]

@@ -70,18 +70,33 @@ class LLMClient(Protocol):
                        want_logprobs: bool = False) -> list[Completion | LLMFailure]: ...
 
 
+def generate_each(client: Any, batch: Sequence[Messages], max_new_tokens: int, temperature: float = 0.0,
+                  want_logprobs: bool = False) -> list[Completion | LLMFailure]:
+    """``client.generate`` on one request at a time, failures returned in place."""
+    out: list[Completion | LLMFailure] = []
+    for messages in batch:
+        try:
+            out.append(client.generate(messages, max_new_tokens, temperature, want_logprobs))
+        except LLMFailure as e:
+            out.append(e)
+    return out
+
+
+def generate_batch(client: Any, batch: Sequence[Messages], max_new_tokens: int, temperature: float = 0.0,
+                   want_logprobs: bool = False) -> list[Completion | LLMFailure]:
+    """``client.generate_batch``, or one request at a time for a client without it."""
+    gen = getattr(client, "generate_batch", None)
+    if gen is None:
+        return generate_each(client, batch, max_new_tokens, temperature, want_logprobs)
+    return list(gen(batch, max_new_tokens, temperature, want_logprobs))
+
+
 class _BatchByLoop:
     """Default ``generate_batch``: one request at a time, failures returned in place."""
 
     def generate_batch(self, batch: Sequence[Messages], max_new_tokens: int, temperature: float = 0.0,
                        want_logprobs: bool = False) -> list[Completion | LLMFailure]:
-        out: list[Completion | LLMFailure] = []
-        for messages in batch:
-            try:
-                out.append(self.generate(messages, max_new_tokens, temperature, want_logprobs))  # type: ignore[attr-defined]
-            except LLMFailure as e:
-                out.append(e)
-        return out
+        return generate_each(self, batch, max_new_tokens, temperature, want_logprobs)
 
 
 # ---------------------------------------------------------------------------
