@@ -218,16 +218,22 @@ class HFLocalClient(_BatchByLoop):
         suf = torch.tensor([t + [pad] * (L - len(t)) for t in tails])
         mask = torch.tensor([[1] * (P + len(t)) + [0] * (L - len(t)) for t in tails])
         # transformers renamed the forward's ``past_key_values`` to ``cache`` (5.2x)
-        kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        params = inspect.signature(self.model.forward).parameters
+        kw = "cache" if "cache" in params else "past_key_values"
+        last = torch.tensor([len(t) - 1 for t in tails])
+        # only each prompt's last position goes through the output layer: over a 150k-token
+        # vocabulary the logits of every tail position cost ~15% of the batch
+        keep = {"logits_to_keep": last.unsqueeze(1)} if "logits_to_keep" in params else {}
         with torch.no_grad():
-            first = self.model(input_ids=torch.tensor([ids[0][:P]]), use_cache=True)
+            first = self.model(input_ids=torch.tensor([ids[0][:P]]), use_cache=True, **(
+                {"logits_to_keep": 1} if keep else {}))
             cache = first.get("cache") if first.get("cache") is not None else first.get("past_key_values")
             cache.batch_repeat_interleave(B)
             pos = (P + torch.arange(L)).unsqueeze(0).expand(B, L)
             logits = self.model(input_ids=suf, attention_mask=mask, position_ids=pos, use_cache=True,
-                                **{kw: cache}).logits
-        last = torch.tensor([len(t) - 1 for t in tails])
-        return [self._completion(logits[b, last[b]], None, True) for b in range(B)]
+                                **{kw: cache}, **keep).logits
+        rows = logits[:, 0] if keep else logits[torch.arange(B), last]
+        return [self._completion(rows[b], None, True) for b in range(B)]
 
     def _generate_chunk(self, batch: Sequence[Messages], max_new_tokens: int, temperature: float,
                         want_logprobs: bool) -> list[Completion]:
