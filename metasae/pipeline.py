@@ -630,6 +630,7 @@ def autointerp_seed(ctx: RunContext, seed: int, joint: str | None = None, progre
     from metasae.autointerp.run import count_failed, score_latents, summarize_pairs, summarize_vs_random
 
     cfg = ctx.profile.autointerp
+    t0 = time.perf_counter()
     joint = joint or selected_config(ctx, seed)
     match = matched_pairs(ctx, seed, joint)
     # like the paper's code, score only pairs whose latents both fire often enough on the autointerp
@@ -653,6 +654,7 @@ def autointerp_seed(ctx: RunContext, seed: int, joint: str | None = None, progre
     ctx_j = _contexts_for(ctx, seed, joint, lj, cache, tokenizer)
     ctx_s = _contexts_for(ctx, seed, "solo", ls, cache, tokenizer)
     client = judge_client(ctx)
+    misses0 = getattr(client, "misses", 0)
     adir = paths.seed_dir(ctx.out, seed) / "autointerp"
     rec_j = score_latents(joint, lj, ctx_j, client, cfg, adir, seed=seed, progress=progress,
                           random_baseline=cfg.random_baseline_joint, embedding_only=lj[n:])
@@ -665,7 +667,10 @@ def autointerp_seed(ctx: RunContext, seed: int, joint: str | None = None, progre
            "pairs": [{"joint": a, "solo": b, "cosine": float(match.cosine[i])} for a, b, i in zip(lj, ls, pick)],
            "records_joint": rec_j, "records_solo": rec_s, "summary": summary,
            "vs_random": {"solo": summarize_vs_random(rec_s), "joint": summarize_vs_random(rec_j)},
-           "n_failed": count_failed(rec_j) + count_failed(rec_s)}
+           "n_failed": count_failed(rec_j) + count_failed(rec_s),
+           # contexts, explanations and scores of this call; requests really sent (not cached ones)
+           "speed": {"seconds": time.perf_counter() - t0, "n_requests": getattr(client, "misses", 0) - misses0,
+                     "loadavg": list(os.getloadavg())}}
     atomic_write_json(adir / "summary.json", {k: v for k, v in out.items() if not k.startswith("records")})
     return out
 

@@ -359,9 +359,33 @@ def render_block(summary: dict[str, Any], source: str) -> str:
                          f"[{_fmt(ci[0], '.2f')}, {_fmt(ci[1], '.2f')}] | {_fmt(wr.get(k), '.2f')} | "
                          f"{_fmt(v.get('diff'), '+.3f')} [{_fmt(v.get('ci_low'), '+.3f')}, {_fmt(v.get('ci_high'), '+.3f')}]"
                          f" (n = {v.get('n', 0)}) |")
+        cost = autointerp_cost(summary, a)
+        if cost:
+            lines += ["", cost]
     lines += render_verdicts(summary)
     lines.append(END)
     return "\n".join(lines) + "\n"
+
+
+def autointerp_cost(summary: dict[str, Any], a: dict[str, Any]) -> str:
+    """One sentence: the autointerp notebook's time for the scored seed and where it went."""
+    seed = a.get("seed")
+    st = _d(_d(summary.get("stages")).get("03_autointerp"))
+    stage = next((_num(e.get("seconds")) for e in st.get("per_execution") or []
+                  if isinstance(e, dict) and e.get("seed") == seed), None)
+    val, pairs = _d(a.get("validation_speed")), _d(a.get("pairs_speed"))
+    parts = []
+    if _num(val.get("seconds")) is not None:
+        parts.append(f"the judge validation set {_fmt(val.get('seconds'), '.0f')} s (once per run)")
+    if _num(pairs.get("seconds")) is not None:
+        parts.append(f"the {a.get('n_pairs_scored')} pairs with every scorer and {a.get('n_pairs_embedding_only') or 0} "
+                     f"with the embedding scorer alone {_fmt(pairs.get('seconds'), '.0f')} s "
+                     f"({pairs.get('n_requests')} requests to the explainer and judge)")
+    if stage is None and not parts:
+        return ""
+    head = (f"Seed {seed}'s autointerp notebook took {stage:.0f} s ({stage / 60:.1f} min)" if stage is not None
+            else f"Seed {seed}'s autointerp")
+    return head + (": " + "; ".join(parts) if parts else "") + "."
 
 
 def _split(text: str) -> tuple[list[str], int | None, int | None]:

@@ -415,6 +415,7 @@ def autointerp_block(out: Path, seeds: Sequence[int]) -> dict[str, Any] | None:
     if isinstance(per_seed, dict):
         res.update(seed=seed, n_pairs_scored=per_seed.get("n_pairs_scored"),
                    n_pairs_embedding_only=per_seed.get("n_pairs_embedding_only", 0),
+                   pairs_speed=per_seed.get("speed"),
                    vs_random=(per_seed.get("vs_random") or {}).get("solo"),
                    joint_vs_solo=per_seed.get("summary"))
     return res

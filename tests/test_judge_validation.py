@@ -332,11 +332,12 @@ def test_summary_autointerp_block(tmp_path):
         "summary": {"fuzz": {"auc_vs_random": 0.9, "auc_vs_random_ci": [0.8, 1.0], "auc_vs_wrong": 0.6}}}))
     (tmp_path / "seed0" / "autointerp").mkdir(parents=True)
     (tmp_path / "seed0" / "autointerp" / "summary.json").write_text(json.dumps({
-        "n_pairs_scored": 10, "summary": {}, "vs_random": {"solo": {"fuzz": {"diff": 0.1, "ci_low": 0.02,
-                                                                              "ci_high": 0.18, "n": 10}}}}))
+        "n_pairs_scored": 10, "summary": {}, "speed": {"seconds": 480.0, "n_requests": 1500},
+        "vs_random": {"solo": {"fuzz": {"diff": 0.1, "ci_low": 0.02, "ci_high": 0.18, "n": 10}}}}))
     b = autointerp_block(tmp_path, [0, 1])
     assert b["judge"] == "qwen2.5-coder-1.5b" and b["validation_auc"] == {"fuzz": 0.9}
     assert b["vs_random"]["fuzz"]["ci_low"] == 0.02 and b["seed"] == 0 and b["n_pairs_scored"] == 10
+    assert b["pairs_speed"] == {"seconds": 480.0, "n_requests": 1500}
 
 
 def test_harness_refuses_a_missing_judge_before_any_work(monkeypatch):

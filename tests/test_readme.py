@@ -219,6 +219,7 @@ AUTOINTERP = {
     "validation_auc_ci": {"fuzz": [0.8, 1.0], "detection": [0.4, 0.8], "embedding": [0.7, 0.95]},
     "validation_auc_vs_wrong": {"fuzz": 0.7, "detection": 0.5, "embedding": 0.6},
     "validation_speed": {"seconds": 300.0, "n_requests": 900, "requests_per_s": 3.0},
+    "n_pairs_embedding_only": 30, "pairs_speed": {"seconds": 500.4, "n_requests": 1900},
     "vs_random": {"fuzz": {"diff": 0.12, "ci_low": 0.05, "ci_high": 0.19, "n": 10},
                   "detection": {"diff": 0.02, "ci_low": -0.03, "ci_high": 0.07, "n": 10}},
     "joint_vs_solo": {"fuzz": {"delta": -0.02, "p": 0.6, "n_pairs": 10, "mde": 0.11}},
@@ -236,6 +237,12 @@ def test_autointerp_block_and_verdicts() -> None:
     assert "beats a random one (95% CI of the difference above 0) on 1 of 2 scores: fuzz +0.120 [+0.050, +0.190]." \
         in block
     assert "fuzz -0.020 (p = 0.6, MDE 0.110); no score differs significantly." in block
+    # where the autointerp notebook's time went, from the stage timings and the recorded speeds
+    assert "the 10 pairs with every scorer and 30 with the embedding scorer alone 500 s (1900 requests" in block
+    stages = {"03_autointerp": {"per_execution": [{"seed": 1, "seconds": 3.0}, {"seed": 0, "seconds": 840.0}]}}
+    block = readme.render_block({**SUMMARY, "stages": stages, "autointerp": AUTOINTERP}, "results/default/summary.json")
+    assert ("Seed 0's autointerp notebook took 840 s (14.0 min): the judge validation set 300 s (once per run); "
+            "the 10 pairs") in block
     # several scores: significance after Holm's correction; nothing beats random on real latents: said
     many = {**AUTOINTERP, "vs_random": {"fuzz": {"diff": -0.01, "ci_low": -0.1, "ci_high": 0.08, "n": 10}},
             "joint_vs_solo": {"fuzz": {"delta": 0.1, "p": 0.026, "n_pairs": 10, "mde": 0.1},
