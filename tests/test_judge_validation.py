@@ -14,7 +14,7 @@ from metasae.autointerp import judges
 from metasae.autointerp.contexts import TokenStrings
 from metasae.autointerp.llm import Completion, HFLocalClient, LLMFailure
 from metasae.autointerp.run import summarize_vs_random
-from metasae.autointerp.scorers import binary_log_odds, detection_messages, expected_digit, score_simulation
+from metasae.autointerp.scorers import binary_log_odds, detection_messages, fuzz_messages, expected_digit, score_simulation
 from metasae.autointerp.validation import (KINDS, SyntheticLatent, build_validation_contexts, firing_masks,
                                            score_validation, summarize_validation)
 from metasae.config import AutointerpConfig
@@ -114,6 +114,41 @@ def test_shared_prefix_matches_full_forward():
         assert set("0123456789") <= set(x.first_token_logprobs)  # digits always reported
         common = set(x.first_token_logprobs) & set(y.first_token_logprobs)
         assert max(abs(x.first_token_logprobs[k] - y.first_token_logprobs[k]) for k in common) < 1e-4
+
+
+def test_remembered_prefixes_give_the_full_forward():
+    """Batches of two scorers' system prompts, alternating, with different explanations: the
+    system prompt's cache is reused across batches and every answer equals the full forward."""
+    from metasae.activations.models import load_model
+
+    loaded = load_model("tiny-llama")
+    fast = HFLocalClient(loaded.model, loaded.tokenizer, dtype="float32", share_prefix=True)
+    slow = HFLocalClient(loaded.model, loaded.tokenizer, dtype="float32", share_prefix=False)
+    texts = ["the men were 600 in number", "And he said to them, go", "a list of items x y"]
+    encoded = []
+    orig = fast.model.forward
+
+    def counting(*args, **kw):
+        encoded.append(int(kw["input_ids"].shape[1]) if kw["input_ids"].shape[0] == 1 else 0)
+        return orig(*args, **kw)
+
+    fast.model.forward = counting  # type: ignore[method-assign]
+    for expl in ["Numbers and digits written as numerals", "Verbs of speech", "Numbers and digits"]:
+        for make in (detection_messages, fuzz_messages):
+            batch = [make(expl, t) for t in texts]
+            for x, y in zip(fast.generate_batch(batch, 1, 0.0, True), slow.generate_batch(batch, 1, 0.0, True)):
+                assert x.text == y.text
+                common = set(x.first_token_logprobs) & set(y.first_token_logprobs)
+                assert max(abs(x.first_token_logprobs[k] - y.first_token_logprobs[k]) for k in common) < 1e-4
+    fast.model.forward = orig  # type: ignore[method-assign]
+    prefixes = [n for n in encoded if n]
+    # the first batch of each system prompt encodes it, then every batch its explanation's tokens
+    assert len(prefixes) == 8 and len(fast._prefixes) == 2
+    # the answers do not depend on what came before: a fresh client gives the same bits
+    fresh = HFLocalClient(loaded.model, loaded.tokenizer, dtype="float32", share_prefix=True)
+    batch = [fuzz_messages("Numbers and digits", t) for t in texts]
+    assert [x.first_token_logprobs for x in fresh.generate_batch(batch, 1, 0.0, True)] == \
+        [x.first_token_logprobs for x in fast.generate_batch(batch, 1, 0.0, True)]
 
 
 # ---------------------------------------------------------------------------

@@ -39,6 +39,8 @@ from metasae.io import atomic_write_json
 Messages = list[dict[str, str]]
 MIN_SHARED_PREFIX = 16
 """Tokens the prompts of a batch must share before their prefix is encoded once."""
+PREFIX_CACHES = 8
+"""Shared prefixes whose key/value caches a local judge remembers (one per scorer's system prompt)."""
 
 
 class LLMFailure(RuntimeError):
@@ -144,6 +146,9 @@ class HFLocalClient(_BatchByLoop):
         self.model.eval()
         self.batch_size = batch_size
         self.share_prefix = share_prefix
+        self._prefixes: dict[tuple[int, ...], Any] = {}
+        """Key/value caches of the last few system prompts (most recent last): a judge's system
+        prompt, common to every batch of its scorer, is encoded once, not once per batch."""
         self.top_logprobs = top_logprobs
         # The judges' answers (1/0, and the 0-9 of the simulator): their first-token
         # log-probabilities are always reported, even outside the top-k, so that P("1") vs
@@ -225,15 +230,47 @@ class HFLocalClient(_BatchByLoop):
         # vocabulary the logits of every tail position cost ~15% of the batch
         keep = {"logits_to_keep": last.unsqueeze(1)} if "logits_to_keep" in params else {}
         with torch.no_grad():
-            first = self.model(input_ids=torch.tensor([ids[0][:P]]), use_cache=True, **(
-                {"logits_to_keep": 1} if keep else {}))
-            cache = first.get("cache") if first.get("cache") is not None else first.get("past_key_values")
+            cache = self._prefix_cache(ids[0][:P], self._system_tokens(batch[0], ids[0]), kw,
+                                       {"logits_to_keep": 1} if keep else {})
             cache.batch_repeat_interleave(B)
             pos = (P + torch.arange(L)).unsqueeze(0).expand(B, L)
             logits = self.model(input_ids=suf, attention_mask=mask, position_ids=pos, use_cache=True,
                                 **{kw: cache}, **keep).logits
         rows = logits[:, 0] if keep else logits[torch.arange(B), last]
         return [self._completion(rows[b], None, True) for b in range(B)]
+
+    def _prefix_cache(self, prefix: list[int], head: int, kw: str, keep: dict[str, Any]) -> Any:
+        """The key/value cache of ``prefix``, encoded in two fixed pieces: its first ``head``
+        tokens (a judge's system prompt, common to every batch of its scorer: remembered, so
+        encoded once) and the rest.  The split depends on the prompt alone, so an answer does
+        not depend on which batches came before (a resumed run gets the same numbers)."""
+        import copy
+
+        import torch
+
+        cache, n = None, 0
+        if MIN_SHARED_PREFIX <= head < len(prefix):
+            key = tuple(prefix[:head])
+            hit = self._prefixes.pop(key, None)
+            if hit is None:
+                out = self.model(input_ids=torch.tensor([list(key)]), use_cache=True, **keep)
+                hit = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
+            self._prefixes[key] = hit  # most recent last; the oldest goes first
+            while len(self._prefixes) > PREFIX_CACHES:
+                self._prefixes.pop(next(iter(self._prefixes)))
+            cache, n = copy.deepcopy(hit), head
+        out = self.model(input_ids=torch.tensor([prefix[n:]]), use_cache=True,
+                         **({kw: cache} if cache is not None else {}), **keep)
+        return out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
+
+    def _system_tokens(self, messages: Messages, ids: list[int]) -> int:
+        """How many leading tokens of the prompt ``ids`` (of ``messages``) hold its system message
+        with the template around it; 0 without one."""
+        if not messages or messages[0].get("role") != "system":
+            return 0
+        text = self.tokenizer.apply_chat_template(list(messages[:1]), tokenize=False)
+        head = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return next((i for i, (a, b) in enumerate(zip(head, ids)) if a != b), min(len(head), len(ids)))
 
     def _generate_chunk(self, batch: Sequence[Messages], max_new_tokens: int, temperature: float,
                         want_logprobs: bool) -> list[Completion]:
