@@ -146,6 +146,10 @@ class HFLocalClient(_BatchByLoop):
         self.model.eval()
         self.batch_size = batch_size
         self.share_prefix = share_prefix
+        self.last_logits_only = True
+        """One-token answers: only each prompt's last position goes through the output layer."""
+        self.prefix_caches = PREFIX_CACHES
+        """System prompts whose key/value caches are remembered (0: none; each batch encodes its own)."""
         self._prefixes: dict[tuple[int, ...], Any] = {}
         """Key/value caches of the last few system prompts (most recent last): a judge's system
         prompt, common to every batch of its scorer, is encoded once, not once per batch."""
@@ -228,7 +232,8 @@ class HFLocalClient(_BatchByLoop):
         last = torch.tensor([len(t) - 1 for t in tails])
         # only each prompt's last position goes through the output layer: over a 150k-token
         # vocabulary the logits of every tail position cost ~15% of the batch
-        keep = {"logits_to_keep": last.unsqueeze(1)} if "logits_to_keep" in params else {}
+        keep = ({"logits_to_keep": last.unsqueeze(1)} if "logits_to_keep" in params and self.last_logits_only
+                else {})
         with torch.no_grad():
             cache = self._prefix_cache(ids[0][:P], self._system_tokens(batch[0], ids[0]), kw,
                                        {"logits_to_keep": 1} if keep else {})
@@ -249,14 +254,14 @@ class HFLocalClient(_BatchByLoop):
         import torch
 
         cache, n = None, 0
-        if MIN_SHARED_PREFIX <= head < len(prefix):
+        if self.prefix_caches > 0 and MIN_SHARED_PREFIX <= head < len(prefix):
             key = tuple(prefix[:head])
             hit = self._prefixes.pop(key, None)
             if hit is None:
                 out = self.model(input_ids=torch.tensor([list(key)]), use_cache=True, **keep)
                 hit = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
             self._prefixes[key] = hit  # most recent last; the oldest goes first
-            while len(self._prefixes) > PREFIX_CACHES:
+            while len(self._prefixes) > self.prefix_caches:
                 self._prefixes.pop(next(iter(self._prefixes)))
             cache, n = copy.deepcopy(hit), head
         out = self.model(input_ids=torch.tensor([prefix[n:]]), use_cache=True,
