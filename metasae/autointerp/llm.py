@@ -40,7 +40,7 @@ Messages = list[dict[str, str]]
 MIN_SHARED_PREFIX = 16
 """Tokens the prompts of a batch must share before their prefix is encoded once."""
 PREFIX_CACHES = 8
-"""Shared prefixes whose key/value caches a local judge remembers (one per scorer's system prompt)."""
+"""System prompts whose key/value caches a local judge remembers by default (one per scorer)."""
 
 
 class LLMFailure(RuntimeError):
