@@ -16,7 +16,8 @@ import torch
 from metasae.autointerp.contexts import (TokenStrings, build_all_contexts, build_latent_contexts, collect_firings,
                                          quintiles, spread)
 from metasae.autointerp.explain import explainer_messages, parse_explanation
-from metasae.autointerp.llm import CachedClient, Completion, LLMFailure, OpenAIClient, make_client
+from metasae.autointerp.llm import (CachedClient, Completion, LLMFailure, OpenAIClient, generate_each,
+                                    make_client)
 from metasae.autointerp.run import RANDOM_EXPLANATIONS, count_failed, score_latents, summarize_pairs
 from metasae.autointerp.scorers import (balanced_accuracy, fuzz_items, highlight, highlight_positions, parse_binary,
                                         parse_simulation, score_detection, score_fuzz, score_simulation,
@@ -326,13 +327,7 @@ class FakeClient:
         return Completion(ans, lp)
 
     def generate_batch(self, batch, max_new_tokens, temperature=0.0, want_logprobs=False):
-        out = []
-        for m in batch:
-            try:
-                out.append(self.generate(m, max_new_tokens, temperature, want_logprobs))
-            except LLMFailure as e:
-                out.append(e)
-        return out
+        return generate_each(self, batch, max_new_tokens, temperature, want_logprobs)
 
 
 def test_fuzz_and_detection_scores(ctx0):
