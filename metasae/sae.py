@@ -22,6 +22,7 @@ B*n*d) and the decoder is an ``embedding_bag`` over the kept latents.
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import nullcontext
 from typing import Any, NamedTuple
 
@@ -137,31 +138,61 @@ class _DenseAux(torch.autograd.Function):
         return grad_Wenc, grad_b, grad_Wdec, None, None, None
 
 
-def _topk_flat_indices(pre_BF: Tensor, kk: int, sample_rows: int = 256, margin: float = 1.5) -> Tensor:
-    """Flat indices of the kk largest entries of pre_BF: torch.topk over the
-    whole matrix, computed without sorting it.
+def _topk_flat_indices(pre_BF: Tensor, kk: int, sample_rows: int = 128, margin: float = 1.5) -> Tensor:
+    """Flat indices, ascending, of the kk largest entries of pre_BF (ReLU'd, >= 0), computed
+    without sorting it; of entries tied at the kk-th largest value, those with the lowest
+    flat index (token, then latent) are kept, so the result is a function of the values.
 
-    A threshold t is read off a strided sample of rows (a value a bit below the
-    sample's kk-quantile); every entry >= t is a candidate and the exact top kk
-    are taken among the candidates.  If at least kk entries are >= t, the
-    kk-th largest value is >= t, so every entry of the true top kk is a
-    candidate: the result is the same set as the full topk (up to the choice
-    among tied values, which topk leaves unspecified too).  Otherwise it falls
-    back to the full topk.
+    A threshold t is read off a strided sample of rows (a value a bit below the sample's
+    kk-quantile); every entry >= t is a candidate (``nonzero`` lists them in ascending
+    order) and the kk largest candidates are kept.  If at least kk entries are >= t,
+    the kk-th largest value is >= t, so every entry of the true top kk is a candidate;
+    otherwise the whole matrix is the candidate set.  bfloat16 values (the bf16 GEMM's
+    output) are compared as their int16 bit patterns, which order non-negative values
+    exactly and compare several times faster on a CPU.
     """
     flat = pre_BF.reshape(-1)
     N = flat.numel()
+    if kk >= N:
+        return torch.arange(N, device=flat.device)
     B = pre_BF.shape[0]
     stride = B // sample_rows if B >= 4 * sample_rows else B // 64
-    if kk >= N or N < (1 << 16) or stride < 2:
-        return torch.topk(flat, kk, sorted=False).indices
-    sample = pre_BF[::stride].reshape(-1)
-    r = min(sample.numel(), int(math.ceil(kk * sample.numel() / N * margin)) + 64)
-    t = torch.topk(sample, r, sorted=False).values.min()
-    cand = torch.nonzero(flat >= t).squeeze(1)
-    if cand.numel() < kk:
-        return torch.topk(flat, kk, sorted=False).indices
-    return cand[torch.topk(flat[cand], kk, sorted=False).indices]
+    if N >= (1 << 16) and stride >= 2:
+        sample = pre_BF[::stride].reshape(-1)
+        r = min(sample.numel(), int(math.ceil(kk * sample.numel() / N * margin)) + 64)
+        t = torch.kthvalue(sample, sample.numel() - r + 1).values  # the sample's r-th largest value
+        if flat.dtype == torch.bfloat16:
+            cand = torch.nonzero(flat.view(torch.int16) >= t.view(torch.int16)).squeeze(1)
+        else:
+            cand = torch.nonzero(flat >= t).squeeze(1)
+        if cand.numel() >= kk:
+            return cand[_top_mask(flat[cand], kk)]
+    return torch.nonzero(_top_mask(flat, kk)).squeeze(1)
+
+
+def _top_mask(v: Tensor, kk: int) -> Tensor:
+    """Mask of the kk largest entries of the 1-d `v` (0 < kk < len(v)); ties at the kk-th
+    largest value are broken by position (first come first kept)."""
+    kth = torch.kthvalue(v, v.numel() - kk + 1).values
+    above = v > kth
+    tied = v == kth
+    return above | (tied & (torch.cumsum(tied, 0) <= kk - above.sum()))
+
+
+def relu_(t: Tensor) -> Tensor:
+    """In-place ReLU; a bfloat16 tensor is clamped as its int16 bit patterns (negative values,
+    -0 included, have the sign bit set: they become +0), ~4x faster than bf16 arithmetic on a CPU."""
+    if t.dtype == torch.bfloat16:
+        t.view(torch.int16).clamp_min_(0)
+        return t
+    return t.relu_()
+
+
+def _csr(crow: Tensor, cols: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
+    """A sparse CSR matrix from indices built here (valid by construction: no checks)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "CSR support is in beta"
+        return torch.sparse_csr_tensor(crow, cols, values, size, check_invariants=False)
 
 
 def _bag_offsets(b_idx_sorted: Tensor, B: int) -> Tensor:
@@ -223,7 +254,7 @@ class BatchTopKSAE(nn.Module):
         with torch.no_grad(), ctx:
             pre = (x_n_BD - self.b_dec_D) @ self.W_enc_DF
         if keep_dtype:
-            return pre.relu_()
+            return relu_(pre)
         return torch.relu(pre.float())
 
     @torch.no_grad()
@@ -236,8 +267,7 @@ class BatchTopKSAE(nn.Module):
         """BatchTopK: the k*B largest entries of the whole batch matrix."""
         B, n = pre_BF.shape
         kk = min(self.cfg.k * B, B * n)
-        flat = _topk_flat_indices(pre_BF, kk)
-        flat, _ = torch.sort(flat)
+        flat = _topk_flat_indices(pre_BF, kk)  # ascending
         b_idx = torch.div(flat, n, rounding_mode="floor")
         f_idx = flat - b_idx * n
         return Selection(b_idx, f_idx, _bag_offsets(b_idx, B))
@@ -256,7 +286,7 @@ class BatchTopKSAE(nn.Module):
         vals = pre_BF.reshape(-1)[loc].float()
         allv = d.all_gather_cat(vals)
         t = torch.topk(allv, min(K, allv.numel()), sorted=False).values.min()
-        flat, _ = torch.sort(loc[vals >= t])
+        flat = loc[vals >= t]  # ascending, as loc
         b_idx = torch.div(flat, n, rounding_mode="floor")
         f_idx = flat - b_idx * n
         return Selection(b_idx, f_idx, _bag_offsets(b_idx, B))
@@ -274,11 +304,13 @@ class BatchTopKSAE(nn.Module):
     # -- training forward ---------------------------------------------------
     def forward_train(self, x_BD: Tensor, autocast: bool = False, x_norm: tuple[Tensor, Tensor, Tensor] | None = None,
                       update_stats: bool = True) -> ForwardOutput:
-        """BatchTopK forward with loss = MSE (standardised space) + AuxK.
+        """BatchTopK forward with loss = MSE (standardised space) + AuxK, through autograd.
 
         `x_norm` lets a fan-out trainer standardise a shared batch once.
         With `update_stats`, the dead-latent counters and the inference
         threshold are updated (training); the meta SAE's critic pass does not.
+        The trainer uses :meth:`train_step` (the same loss, its gradient
+        written directly); this is its autograd reference.
         """
         x_n, mu, std = x_norm if x_norm is not None else self.standardize(x_BD.float())
         B = x_n.shape[0]
@@ -287,10 +319,103 @@ class BatchTopKSAE(nn.Module):
         vals = _GatherPre.apply(self.W_enc_DF, self.b_dec_D, pre, x_n, sel.b_idx, sel.f_idx)
         x_hat_n = self._decode_sparse(sel.f_idx, sel.offsets, vals, self.W_dec_FD) + self.b_dec_D
         mse = (x_hat_n - x_n).pow(2).mean()
+        dead_F = self.since_fired_F >= self.cfg.dead_after_tokens
+        n_dead = int(dead_F.sum())
+        aux = mse.new_zeros(())
+        if n_dead > 0 and self.cfg.aux_k > 0 and self.cfg.aux_coef > 0:
+            aux = self._aux_loss(pre, x_n, x_hat_n.detach(), dead_F)
+        l0, min_kept = self._kept_stats(vals.detach(), sel, B, update_stats, dead_F)
+        x_hat = self.unstandardize(x_hat_n, mu, std)
+        return ForwardOutput(x_hat, mse + aux, mse, aux, l0, n_dead, min_kept)
 
-        # Everything below stays on the device but the dead-latent count (the AuxK branch):
-        # the smallest positive kept value (inf when none) drives the threshold's EMA.
-        v = vals.detach()
+    def train_step(self, x_BD: Tensor, autocast: bool = False, x_norm: tuple[Tensor, Tensor, Tensor] | None = None,
+                   ) -> ForwardOutput:
+        """One training forward and its exact gradient, without autograd.
+
+        The loss is :meth:`forward_train`'s (MSE + AuxK, dead-latent counters and
+        threshold updated); its gradient is written to the ``.grad`` of W_enc,
+        W_dec and b_dec (replacing what is there), computed while the step's
+        intermediates are at hand:
+
+            G = 2 (x_hat_n - x_n) / (B d)                     d mse / d x_hat_n
+            dW_dec[f_j] += v_j G[b_j],   d v_j = G[b_j] . W_dec[f_j]   (kept entries j)
+            g_j = d v_j [v_j > 0],       dW_enc[:, f_j] += g_j (x_n[b_j] - b_dec)
+            db_dec = sum_b G[b] - W_enc @ colsum_F(g)
+
+        each sum over the k B kept entries (sparse products), plus AuxK's
+        gradient on the dead columns and rows only.  Same values as autograd up to
+        the order of floating-point sums (tested).  A decoder penalty adds its own
+        gradient to ``W_dec_FD.grad`` afterwards.  ``x_hat_BD`` of the result is
+        None (the trainer does not read it).
+        """
+        x_n, _, _ = x_norm if x_norm is not None else self.standardize(x_BD.float())
+        B, D = x_n.shape
+        W_enc, W_dec, b_dec = self.W_enc_DF.detach(), self.W_dec_FD.detach(), self.b_dec_D.detach()
+        n = W_dec.shape[0]
+        with torch.no_grad():
+            x_c = x_n - b_dec
+            ctx = torch.autocast(x_n.device.type, dtype=torch.bfloat16) if autocast else nullcontext()
+            with ctx:
+                pre = relu_(x_c @ W_enc)
+            sel = self._select_train(pre)
+            vals = pre[sel.b_idx, sel.f_idx].float()
+            dec = self._decode_sparse(sel.f_idx, sel.offsets, vals, W_dec)
+            err = dec.add_(b_dec).sub_(x_n)  # x_hat_n - x_n
+            mse = err.square().sum() / (B * D)
+            G = err.mul_(2.0 / (B * D))
+            g_vals = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                G, W_dec, sel.f_idx, sel.offsets, sel.b_idx, 0)  # G[b_j] . W_dec[f_j]
+            g_vals = torch.where(vals > 0, g_vals, torch.zeros_like(g_vals))  # ReLU derivative (0 at 0)
+            # the two n x d sums over kept entries as sparse (n x B, rows by latent) x dense products
+            by_f = torch.argsort(sel.f_idx, stable=True)
+            crow = torch.zeros(n + 1, dtype=torch.long, device=x_n.device)
+            torch.cumsum(torch.bincount(sel.f_idx, minlength=n), 0, out=crow[1:])
+            cols = sel.b_idx[by_f]
+            grad_Wdec = _csr(crow, cols, vals[by_f], (n, B)) @ G
+            grad_WencT = _csr(crow, cols, g_vals[by_f], (n, B)) @ x_c
+            col_F = torch.zeros(n, dtype=g_vals.dtype, device=g_vals.device).index_add_(0, sel.f_idx, g_vals)
+            grad_b = G.sum(0).sub_(W_enc @ col_F)
+            dead_F = self.since_fired_F >= self.cfg.dead_after_tokens
+            n_dead = int(dead_F.sum())
+            aux = mse.new_zeros(())
+            if n_dead > 0 and self.cfg.aux_k > 0 and self.cfg.aux_coef > 0:
+                aux = self._aux_step(pre, x_c, err, dead_F, grad_WencT, grad_Wdec, grad_b, B * D)
+            grad_Wenc = self.W_enc_DF.grad
+            if grad_Wenc is None or grad_Wenc.shape != W_enc.shape or not grad_Wenc.is_contiguous():
+                grad_Wenc = torch.empty_like(W_enc)
+            grad_Wenc.copy_(grad_WencT.t())  # D x F, contiguous: the fused optimiser's fast path
+            self.W_enc_DF.grad, self.W_dec_FD.grad, self.b_dec_D.grad = grad_Wenc, grad_Wdec, grad_b
+            l0, min_kept = self._kept_stats(vals, sel, B, True, dead_F)
+        return ForwardOutput(None, mse + aux, mse, aux, l0, n_dead, min_kept)  # type: ignore[arg-type]
+
+    def _aux_step(self, pre_BF: Tensor, x_c_BD: Tensor, G_BD: Tensor, dead_F: Tensor, grad_WencT: Tensor,
+                  grad_Wdec: Tensor, grad_b: Tensor, BD: int) -> Tensor:
+        """AuxK loss of :meth:`train_step` (as :meth:`_aux_loss`), its gradient added to the given
+        buffers on the dead latents' rows only.  ``G_BD`` is 2 (x_hat_n - x_n) / (B d): the residual
+        x_n - x_hat_n is -G * BD / 2."""
+        dead_idx = torch.nonzero(dead_F).squeeze(1)
+        k_aux = min(self.cfg.aux_k, dead_idx.numel())
+        pre_BK = pre_BF[:, dead_idx]
+        if k_aux >= dead_idx.numel():
+            acts = pre_BK
+        else:
+            top = torch.topk(pre_BK, k_aux, dim=1)
+            acts = torch.zeros_like(pre_BK).scatter_(1, top.indices, top.values)
+        dt = acts.dtype
+        W_dead = self.W_dec_FD.detach()[dead_idx].to(dt)
+        diff = (acts @ W_dead).float().add_(G_BD, alpha=BD / 2.0)  # recon - residual
+        coef = self.cfg.aux_coef
+        aux = coef * diff.square().sum() / BD
+        g = diff.mul_(2.0 * coef / BD).to(dt)
+        g_acts = (g @ W_dead.t()) * (acts > 0)
+        grad_Wdec.index_add_(0, dead_idx, (acts.t() @ g).float())
+        grad_WencT.index_add_(0, dead_idx, (g_acts.t() @ x_c_BD.to(dt)).float())
+        grad_b.sub_(self.W_enc_DF.detach()[:, dead_idx] @ g_acts.float().sum(0))
+        return aux
+
+    def _kept_stats(self, v: Tensor, sel: Selection, B: int, update_stats: bool, dead_F: Tensor) -> tuple[Tensor, Tensor]:
+        """(l0, min_kept) of a training batch's kept values `v`; with `update_stats` the
+        dead-latent counters and the inference threshold's EMA move (all on the device)."""
         positive = v > 0
         inf = torch.full((), math.inf, dtype=v.dtype, device=v.device)
         m = torch.where(positive, v, inf).amin() if v.numel() else inf
@@ -299,11 +424,6 @@ class BatchTopKSAE(nn.Module):
             m = d.all_reduce_(m.double().reshape(1), "min")[0]
         any_positive = torch.isfinite(m)
         min_kept = torch.where(any_positive, m, torch.zeros_like(m)).double()
-        dead_F = self.since_fired_F >= self.cfg.dead_after_tokens
-        n_dead = int(dead_F.sum())
-        aux = mse.new_zeros(())
-        if n_dead > 0 and self.cfg.aux_k > 0 and self.cfg.aux_coef > 0:
-            aux = self._aux_loss(pre, x_n, x_hat_n.detach(), dead_F)
         if update_stats:
             with torch.no_grad():
                 fired_F = torch.zeros_like(dead_F)
@@ -318,9 +438,7 @@ class BatchTopKSAE(nn.Module):
                 ema = thr * (1 - lr) + (min_kept * lr).to(thr.dtype)
                 new = torch.where(thr < 0, min_kept.to(thr.dtype), ema)
                 thr.copy_(torch.where(any_positive, new, thr))
-        l0 = positive.sum().double() / B
-        x_hat = self.unstandardize(x_hat_n, mu, std)
-        return ForwardOutput(x_hat, mse + aux, mse, aux, l0, n_dead, min_kept)
+        return positive.sum().double() / B, min_kept
 
     def _aux_loss(self, pre_BF: Tensor, x_n_BD: Tensor, x_hat_n_BD: Tensor, dead_F: Tensor) -> Tensor:
         """AuxK: the top aux_k dead pre-activations reconstruct the residual x_n - x_hat (detached).
@@ -491,6 +609,21 @@ def decomposability_penalty(W_dec_FD: Tensor, W_hat_FD: Tensor, sigma2: float) -
     err_F = (W_dec_FD - W_hat_FD.detach()).pow(2).sum(dim=1)
     p_F = torch.exp(-err_F / sigma2)
     return p_F.mean(), p_F.detach()
+
+
+@torch.no_grad()
+def decomposability_penalty_grad_(W_dec_FD: Tensor, W_hat_FD: Tensor, sigma2: float, weight: float) -> Tensor:
+    """:func:`decomposability_penalty`'s value, its gradient times `weight` added to ``W_dec_FD.grad``:
+
+        d mean_i p_i / d W_dec[i] = -2 p_i (W_dec[i] - W_hat[i]) / (n sigma2)
+    """
+    if sigma2 <= 0:
+        raise ValueError(f"sigma2 must be positive, not {sigma2}")
+    diff = W_dec_FD.detach() - W_hat_FD
+    p_F = torch.exp(-diff.square().sum(dim=1) / sigma2)
+    coef_F = p_F * (-2.0 * weight / (sigma2 * W_dec_FD.shape[0]))
+    W_dec_FD.grad.addcmul_(diff, coef_F.unsqueeze(1))
+    return p_F.mean()
 
 
 def orthogonality_penalty(W_dec_FD: Tensor, chunk: int = 4096, generator: torch.Generator | None = None) -> Tensor:

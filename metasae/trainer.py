@@ -54,7 +54,8 @@ from metasae.checkpoint import (
 )
 from metasae.config import ConfigError, MetaConfig, RunSpec, SAEConfig, TrainConfig
 from metasae.io import atomic_write_json
-from metasae.sae import BatchTopKSAE, decomposability_penalty, meta_reconstruction, orthogonality_penalty
+from metasae.sae import (BatchTopKSAE, decomposability_penalty, decomposability_penalty_grad_, meta_reconstruction,
+                         orthogonality_penalty)
 
 BatchSource = Callable[[int], Iterator[torch.Tensor]]
 """start_batch -> iterator over the remaining training batches (B x d)."""
@@ -323,28 +324,31 @@ class FanOutTrainer:
         return states
 
     def _primary_step(self, st: RunState, x: torch.Tensor, x_norm, step: int, record: bool) -> None:
+        """One primary step: :meth:`BatchTopKSAE.train_step` writes the gradient of MSE + AuxK,
+        the run's decoder penalty adds its own to W_dec's, then the optimiser steps."""
         spec, sae = st.spec, st.primary
-        out = sae.forward_train(x, self.autocast, x_norm=x_norm)
+        out = sae.train_step(x, self.autocast, x_norm=x_norm)
         loss = out.loss
         pen_val = float("nan")
-        if spec.kind == "joint" and st.meta is not None:
+        if spec.kind == "joint" and st.meta is not None and (spec.lambda2 > 0 or record):
+            W_hat = meta_reconstruction(st.meta, sae.W_dec_FD, self.autocast)
             if spec.lambda2 > 0:
-                W_hat = meta_reconstruction(st.meta, sae.W_dec_FD, self.autocast)
-                pen, _ = decomposability_penalty(sae.W_dec_FD, W_hat, spec.sigma2)
+                pen = decomposability_penalty_grad_(sae.W_dec_FD, W_hat, spec.sigma2, spec.lambda2)
                 loss = loss + spec.lambda2 * pen
                 if record:  # read only when recorded: a read is a host sync on a GPU
-                    pen_val = float(pen.detach())
+                    pen_val = float(pen)
             elif record:  # the lambda2 = 0 control: measured, never in the loss
-                W_hat = meta_reconstruction(st.meta, sae.W_dec_FD, self.autocast)
                 pen_val = float(decomposability_penalty(sae.W_dec_FD.detach(), W_hat, spec.sigma2)[0])
         elif spec.kind == "ortho":
-            pen = orthogonality_penalty(sae.W_dec_FD, generator=st.generator)
+            W = sae.W_dec_FD.detach().requires_grad_()
+            pen = orthogonality_penalty(W, generator=st.generator)
+            (g,) = torch.autograd.grad(pen, W)
+            sae.W_dec_FD.grad.add_(g, alpha=spec.ortho_coef)
+            pen = pen.detach()
             loss = loss + spec.ortho_coef * pen
             if record:
-                pen_val = float(pen.detach())
+                pen_val = float(pen)
         self._note_finite(st, loss, step, -1)
-        st.opt.zero_grad(set_to_none=True)
-        loss.backward()
         if self.dist is not None:  # the gradient of the global mean loss
             self.dist.all_reduce_mean_([p.grad for p in sae.parameters()])
         sae.remove_parallel_grad()
@@ -367,10 +371,8 @@ class FanOutTrainer:
     def _meta_step(self, st: RunState, step: int, j: int) -> None:
         meta = st.meta
         assert meta is not None and st.meta_opt is not None
-        out = meta.forward_train(st.primary.W_dec_FD.detach(), self.autocast)
+        out = meta.train_step(st.primary.W_dec_FD.detach(), self.autocast)
         self._note_finite(st, out.loss, step, j)
-        st.meta_opt.zero_grad(set_to_none=True)
-        out.loss.backward()
         meta.remove_parallel_grad()
         st.meta_opt.step()
         meta.normalize_decoder()

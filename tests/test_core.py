@@ -9,7 +9,8 @@ import torch
 
 from metasae.checkpoint import export_saelens, load_sae, load_trained_run, save_sae
 from metasae.config import ConfigError, MetaConfig, RunSpec, SAEConfig, TrainConfig
-from metasae.sae import BatchTopKSAE, decomposability_penalty, meta_reconstruction, orthogonality_penalty
+from metasae.sae import (BatchTopKSAE, _topk_flat_indices, decomposability_penalty, decomposability_penalty_grad_,
+                         meta_reconstruction, orthogonality_penalty, relu_)
 from metasae.trainer import FanOutTrainer, RunState, TrainingError, meta_sae_config
 
 torch.set_num_threads(1)
@@ -447,3 +448,65 @@ def test_a_completed_run_keeps_no_optimizer_state(tmp_path):
         FanOutTrainer(SAE_CFG, META, cfg, runs, ckpt_root=part, progress=False).train(stops_at_6, 10)
     state = load_file(str(part / "joint" / step_dirname(4) / STATE_FILE))
     assert any(k.startswith("primary_opt.") for k in state) and any(k.startswith("meta_opt.") for k in state)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("n_dead", [0, 5, 40])  # aux_k = 16: no AuxK, every dead latent, a top-k among them
+def test_train_step_gradient_equals_autograd_of_forward_train(autocast, n_dead):
+    """The trainer's autograd-free step: same loss, same statistics updates, and the gradient
+    autograd gives for forward_train (up to the order of floating-point sums)."""
+    a, b = BatchTopKSAE(SAE_CFG, seed=5), BatchTopKSAE(SAE_CFG, seed=5)
+    with torch.no_grad():
+        for s in (a, b):
+            s.b_dec_D.normal_(generator=torch.Generator().manual_seed(2))
+            s.since_fired_F[torch.randperm(N, generator=torch.Generator().manual_seed(3))[:n_dead]] = 10 * B
+    x = 3 * sparse_data(B, seed=4) + 1
+    ref = a.forward_train(x, autocast)
+    ref.loss.backward()
+    got = b.train_step(x, autocast)
+    assert (n_dead > 0) == bool(float(got.aux) > 0)
+    torch.testing.assert_close(got.loss, ref.loss.detach(), rtol=1e-6, atol=0)
+    assert float(got.l0) == float(ref.l0) and got.n_dead == ref.n_dead
+    assert torch.equal(a.since_fired_F, b.since_fired_F) and torch.equal(a.threshold, b.threshold)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-5, atol=1e-6 * float(pa.grad.abs().max()))
+
+
+def test_decomposability_penalty_gradient_equals_autograd():
+    W = torch.nn.functional.normalize(torch.randn(50, D, generator=torch.Generator().manual_seed(0)), dim=1)
+    W_hat = W + 0.3 * torch.randn(50, D, generator=torch.Generator().manual_seed(1))
+    leaf = W.clone().requires_grad_()
+    pen, _ = decomposability_penalty(leaf, W_hat, 0.7)
+    (0.3 * pen).backward()
+    p = torch.nn.Parameter(W.clone())
+    p.grad = torch.full_like(W, 0.5)
+    got = decomposability_penalty_grad_(p, W_hat, 0.7, 0.3)
+    torch.testing.assert_close(got, pen.detach())
+    torch.testing.assert_close(p.grad, leaf.grad + 0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batch_topk_selection_is_the_exact_top_with_ties_by_position(dtype):
+    """_topk_flat_indices: ascending flat indices of the kk largest values, ties at the kk-th
+    value kept in index order; on the sampled-threshold path, on its fallback, and on small inputs."""
+    g = torch.Generator().manual_seed(0)
+    for B_, n_, kk in ((512, 256, 512 * 8), (16, 64, 40), (512, 256, 512 * 200)):
+        # few distinct values: many ties at the threshold
+        pre = torch.randint(0, 40, (B_, n_), generator=g).to(dtype) / 8
+        pre[:, :3] = 0  # zeros, and (bf16) negative zeros after the ReLU
+        flat = pre.reshape(-1).float()
+        got = _topk_flat_indices(pre, kk)
+        order = sorted(range(flat.numel()), key=lambda i: (-float(flat[i]), i))[:kk]
+        assert got.tolist() == sorted(order)
+    # a sample whose threshold keeps fewer than kk candidates falls back to the exact answer
+    pre = torch.zeros(512, 256, dtype=dtype)
+    pre[::4] = 1.0  # every sampled row is all ones: the sampled threshold (1.0) admits only these rows
+    got = _topk_flat_indices(pre, 512 * 100)
+    assert got.numel() == 512 * 100 and torch.equal(got, torch.sort(got).values)
+    assert int((pre.reshape(-1)[got] == 1).sum()) == 128 * 256
+
+
+def test_bf16_relu_by_bit_pattern_equals_relu():
+    x = torch.tensor([-3.0, -0.0, 0.0, 1e-30, 2.5, -1e-30, float("inf"), -float("inf")]).to(torch.bfloat16)
+    got = relu_(x.clone())
+    assert torch.equal(got, torch.relu(x)) and not torch.signbit(got).any()

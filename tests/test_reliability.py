@@ -305,15 +305,15 @@ def test_non_finite_batch_stops_with_stage_and_step(tmp_path, where):
 def test_non_finite_primary_loss_names_run_stage_and_step(tmp_path, monkeypatch):
     import metasae.trainer as T
 
-    real = T.decomposability_penalty
+    real = T.decomposability_penalty_grad_
     calls = {"n": 0}
 
-    def poisoned(W, W_hat, sigma2):
+    def poisoned(*a):
         calls["n"] += 1
-        pen, p = real(W, W_hat, sigma2)
-        return (pen * float("nan"), p) if calls["n"] == 3 else (pen, p)
+        pen = real(*a)
+        return pen * float("nan") if calls["n"] == 3 else pen
 
-    monkeypatch.setattr(T, "decomposability_penalty", poisoned)
+    monkeypatch.setattr(T, "decomposability_penalty_grad_", poisoned)
     with pytest.raises(TrainingError) as exc:
         _train(None, n_steps=6)
     msg = str(exc.value)
@@ -323,7 +323,7 @@ def test_non_finite_primary_loss_names_run_stage_and_step(tmp_path, monkeypatch)
 def test_non_finite_meta_loss_names_run_stage_and_step(monkeypatch):
     from metasae.sae import BatchTopKSAE
 
-    real = BatchTopKSAE.forward_train
+    real = BatchTopKSAE.train_step
 
     def poisoned(self, x, *a, **kw):
         out = real(self, x, *a, **kw)
@@ -331,7 +331,7 @@ def test_non_finite_meta_loss_names_run_stage_and_step(monkeypatch):
             return out._replace(loss=out.loss * float("nan"))
         return out
 
-    monkeypatch.setattr(BatchTopKSAE, "forward_train", poisoned)
+    monkeypatch.setattr(BatchTopKSAE, "train_step", poisoned)
     with pytest.raises(TrainingError) as exc:
         _train(None, n_steps=4)
     msg = str(exc.value)
@@ -397,9 +397,9 @@ def test_non_finite_loss_is_noted_on_the_device_and_stops_before_a_commit(tmp_pa
         runs = [RunSpec("ortho", "ortho", seed=1, ortho_coef=0.1)]
         want = "non-finite loss in run ortho at primary step 3 (stage: training)"
     else:
-        real_fwd, calls = trainer_mod.BatchTopKSAE.forward_train, {"n": 0}
+        real_fwd, calls = trainer_mod.BatchTopKSAE.train_step, {"n": 0}
 
-        def forward_train(self, x, *a, **kw):
+        def train_step(self, x, *a, **kw):
             out = real_fwd(self, x, *a, **kw)
             if self.cfg.n_latents == META.n_latents:  # the meta SAE
                 calls["n"] += 1
@@ -407,7 +407,7 @@ def test_non_finite_loss_is_noted_on_the_device_and_stops_before_a_commit(tmp_pa
                     return out._replace(loss=out.loss * float("nan"))
             return out
 
-        monkeypatch.setattr(trainer_mod.BatchTopKSAE, "forward_train", forward_train)
+        monkeypatch.setattr(trainer_mod.BatchTopKSAE, "train_step", train_step)
         runs = [RunSpec("joint", "joint", seed=1, lambda2=0.3, sigma2=1.0)]
         want = "non-finite meta loss in run joint after primary step 3 (stage: meta step 0)"
     with pytest.raises(TrainingError) as exc:
