@@ -222,7 +222,7 @@ def components(shape: dict, cache: str) -> dict[str, float]:
     import torch
 
     from metasae.config import MetaConfig, RunSpec, SAEConfig, TrainConfig
-    from metasae.sae import decomposability_penalty, meta_reconstruction, orthogonality_penalty
+    from metasae.sae import decomposability_penalty_grad_, meta_reconstruction, orthogonality_penalty
     from metasae.trainer import FanOutTrainer
 
     torch.set_num_threads(1)
@@ -253,32 +253,30 @@ def components(shape: dict, cache: str) -> dict[str, float]:
     x_n, _, _ = sae.standardize(x)
     pre = sae._pre_from_normalized(x_n, True, keep_dtype=True)
     sel = sae.select(pre)
-    from metasae.sae import _GatherPre
+    counters = sae.since_fired_F.clone()
+    dead10 = counters.clone()
+    dead10[: int(0.1 * shape["n"])] = 10 ** 9  # 10% dead latents for the AuxK timing
 
-    def fwd_bwd():
-        vals = _GatherPre.apply(sae.W_enc_DF, sae.b_dec_D, pre, x_n, sel.b_idx, sel.f_idx)
-        y = sae._decode_sparse(sel.f_idx, sel.offsets, vals, sae.W_dec_FD) + sae.b_dec_D
-        (y - x_n).pow(2).mean().backward()
+    def step_with(since):
+        def fn():
+            sae.since_fired_F.copy_(since)
+            sae.train_step(x, True)
+        return fn
 
-    n_dead_before = sae.since_fired_F.clone()
-    sae.since_fired_F[: int(0.1 * shape["n"])] = 10 ** 9  # 10% dead latents for the AuxK timing
-
-    def aux():
-        dead = sae.since_fired_F >= cfg.dead_after_tokens
-        sae._aux_loss(pre, x_n, x_n * 0.5, dead).backward()
-
-    t_aux = timeit(aux)
-    sae.since_fired_F.copy_(n_dead_before)
+    t_fwd_bwd = timeit(step_with(counters))
+    t_aux = timeit(step_with(dead10)) - t_fwd_bwd
+    sae.since_fired_F.copy_(counters)
     W_hat = meta_reconstruction(st.meta, sae.W_dec_FD, True)
     out = {
         "encoder_gemm_bf16": timeit(lambda: sae._pre_from_normalized(x_n, True, keep_dtype=True)),
         "batchtopk_select": timeit(lambda: sae.select(pre)),
         "decode_sparse_fwd": timeit(lambda: sae._decode_sparse(sel.f_idx, sel.offsets, pre[sel.b_idx, sel.f_idx].float(),
                                                                sae.W_dec_FD)),
-        "forward_backward_sparse": timeit(fwd_bwd),
+        "forward_backward_train_step": t_fwd_bwd,
         "auxk_10pct_dead": t_aux,
-        "penalty_meta_forward": timeit(lambda: decomposability_penalty(
-            sae.W_dec_FD, meta_reconstruction(st.meta, sae.W_dec_FD, True), 1.0)),
+        "penalty_meta_forward": timeit(lambda: decomposability_penalty_grad_(
+            sae.W_dec_FD, meta_reconstruction(st.meta, sae.W_dec_FD, True), 1.0, 0.3)),
+        "meta_step": timeit(lambda: tr._meta_step(st, 0, 0)),
         "ortho_penalty_fwd_bwd": timeit(lambda: orthogonality_penalty(sae.W_dec_FD).backward(), 5),
         "optimiser_step": timeit(lambda: st.opt.step()),
         "evaluation_pass": timeit(lambda: sae.evaluate_batch(x)),
