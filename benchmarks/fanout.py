@@ -222,7 +222,7 @@ def components(shape: dict, cache: str) -> dict[str, float]:
     import torch
 
     from metasae.config import MetaConfig, RunSpec, SAEConfig, TrainConfig
-    from metasae.sae import decomposability_penalty_grad_, meta_reconstruction, orthogonality_penalty
+    from metasae.sae import decomposability_penalty_grad_, meta_reconstruction, orthogonality_penalty_grad_
     from metasae.trainer import FanOutTrainer
 
     torch.set_num_threads(1)
@@ -253,6 +253,9 @@ def components(shape: dict, cache: str) -> dict[str, float]:
     x_n, _, _ = sae.standardize(x)
     pre = sae._pre_from_normalized(x_n, True, keep_dtype=True)
     sel = sae.select(pre)
+    # the steady state of a trained SAE (no dead latent; 30 warm-up steps leave many): the
+    # AuxK row adds 10% dead latents
+    sae.since_fired_F.zero_()
     counters = sae.since_fired_F.clone()
     dead10 = counters.clone()
     dead10[: int(0.1 * shape["n"])] = 10 ** 9  # 10% dead latents for the AuxK timing
@@ -262,6 +265,10 @@ def components(shape: dict, cache: str) -> dict[str, float]:
             sae.since_fired_F.copy_(since)
             sae.train_step(x, True)
         return fn
+
+    def full_step():
+        sae.since_fired_F.copy_(counters)
+        tr._primary_step(st, x, None, 0, False)
 
     t_fwd_bwd = timeit(step_with(counters))
     t_aux = timeit(step_with(dead10)) - t_fwd_bwd
@@ -277,10 +284,10 @@ def components(shape: dict, cache: str) -> dict[str, float]:
         "penalty_meta_forward": timeit(lambda: decomposability_penalty_grad_(
             sae.W_dec_FD, meta_reconstruction(st.meta, sae.W_dec_FD, True), 1.0, 0.3)),
         "meta_step": timeit(lambda: tr._meta_step(st, 0, 0)),
-        "ortho_penalty_fwd_bwd": timeit(lambda: orthogonality_penalty(sae.W_dec_FD).backward(), 5),
+        "ortho_penalty_fwd_bwd": timeit(lambda: orthogonality_penalty_grad_(sae.W_dec_FD, 0.3), 5),
         "optimiser_step": timeit(lambda: st.opt.step()),
         "evaluation_pass": timeit(lambda: sae.evaluate_batch(x)),
-        "full_primary_step_joint": timeit(lambda: tr._primary_step(st, x, None, 0, False)),
+        "full_primary_step_joint": timeit(full_step),
     }
     del W_hat
     return out

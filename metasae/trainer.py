@@ -55,7 +55,7 @@ from metasae.checkpoint import (
 from metasae.config import ConfigError, MetaConfig, RunSpec, SAEConfig, TrainConfig
 from metasae.io import atomic_write_json
 from metasae.sae import (BatchTopKSAE, decomposability_penalty, decomposability_penalty_grad_, meta_reconstruction,
-                         orthogonality_penalty)
+                         orthogonality_penalty_grad_)
 
 BatchSource = Callable[[int], Iterator[torch.Tensor]]
 """start_batch -> iterator over the remaining training batches (B x d)."""
@@ -340,11 +340,7 @@ class FanOutTrainer:
             elif record:  # the lambda2 = 0 control: measured, never in the loss
                 pen_val = float(decomposability_penalty(sae.W_dec_FD.detach(), W_hat, spec.sigma2)[0])
         elif spec.kind == "ortho":
-            W = sae.W_dec_FD.detach().requires_grad_()
-            pen = orthogonality_penalty(W, generator=st.generator)
-            (g,) = torch.autograd.grad(pen, W)
-            sae.W_dec_FD.grad.add_(g, alpha=spec.ortho_coef)
-            pen = pen.detach()
+            pen = orthogonality_penalty_grad_(sae.W_dec_FD, spec.ortho_coef, generator=st.generator)
             loss = loss + spec.ortho_coef * pen
             if record:
                 pen_val = float(pen)

@@ -10,7 +10,7 @@ import torch
 from metasae.checkpoint import export_saelens, load_sae, load_trained_run, save_sae
 from metasae.config import ConfigError, MetaConfig, RunSpec, SAEConfig, TrainConfig
 from metasae.sae import (BatchTopKSAE, _topk_flat_indices, decomposability_penalty, decomposability_penalty_grad_,
-                         meta_reconstruction, orthogonality_penalty, relu_)
+                         meta_reconstruction, orthogonality_penalty, orthogonality_penalty_grad_, relu_)
 from metasae.trainer import FanOutTrainer, RunState, TrainingError, meta_sae_config
 
 torch.set_num_threads(1)
@@ -510,3 +510,17 @@ def test_bf16_relu_by_bit_pattern_equals_relu():
     x = torch.tensor([-3.0, -0.0, 0.0, 1e-30, 2.5, -1e-30, float("inf"), -float("inf")]).to(torch.bfloat16)
     got = relu_(x.clone())
     assert torch.equal(got, torch.relu(x)) and not torch.signbit(got).any()
+
+
+@pytest.mark.parametrize("n_rows,chunk", [(300, 128), (200, 4096)])  # random chunks; one chunk in row order
+def test_orthogonality_penalty_gradient_equals_autograd(n_rows, chunk):
+    W0 = 1.3 * torch.nn.functional.normalize(torch.randn(n_rows, D, generator=torch.Generator().manual_seed(4)), dim=1)
+    leaf = W0.clone().requires_grad_()
+    ref = orthogonality_penalty(leaf, chunk=chunk, generator=torch.Generator().manual_seed(8))
+    (0.3 * ref).backward()
+    p = torch.nn.Parameter(W0.clone())
+    p.grad = torch.zeros_like(W0)
+    gen = torch.Generator().manual_seed(8)
+    got = orthogonality_penalty_grad_(p, 0.3, chunk=chunk, generator=gen)
+    torch.testing.assert_close(got, ref.detach(), rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(p.grad, leaf.grad, rtol=1e-5, atol=1e-6 * float(leaf.grad.abs().max()))

@@ -386,14 +386,14 @@ def test_non_finite_loss_is_noted_on_the_device_and_stops_before_a_commit(tmp_pa
     import metasae.trainer as trainer_mod
 
     if stage == "primary":
-        real, calls = trainer_mod.orthogonality_penalty, {"n": 0}
+        real, calls = trainer_mod.orthogonality_penalty_grad_, {"n": 0}
 
         def penalty(*a, **kw):
             calls["n"] += 1
             out = real(*a, **kw)
             return out * float("nan") if calls["n"] == 4 else out  # primary step 3 (0-based)
 
-        monkeypatch.setattr(trainer_mod, "orthogonality_penalty", penalty)
+        monkeypatch.setattr(trainer_mod, "orthogonality_penalty_grad_", penalty)
         runs = [RunSpec("ortho", "ortho", seed=1, ortho_coef=0.1)]
         want = "non-finite loss in run ortho at primary step 3 (stage: training)"
     else:
