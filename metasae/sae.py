@@ -485,9 +485,21 @@ class BatchTopKSAE(nn.Module):
     def decode_acts(self, acts_BF: Tensor) -> Tensor:
         """acts @ W_dec + b_dec (standardised space) from a dense but sparse-valued activation
         matrix, as a gather over its nonzeros: cost L0 * B * d instead of a B x n x d GEMM."""
-        B = acts_BF.shape[0]
         b_idx, f_idx = acts_BF.nonzero(as_tuple=True)
-        return self._decode_sparse(f_idx, _bag_offsets(b_idx, B), acts_BF[b_idx, f_idx], self.W_dec_FD) + self.b_dec_D
+        return self._decode_entries(b_idx, f_idx, acts_BF[b_idx, f_idx], acts_BF.shape[0])
+
+    @torch.no_grad()
+    def _decode_entries(self, b_idx: Tensor, f_idx: Tensor, vals: Tensor, B: int) -> Tensor:
+        """acts @ W_dec + b_dec for the activations given as entries (token, latent, value),
+        sorted by token then latent (as ``nonzero`` lists them)."""
+        return self._decode_sparse(f_idx, _bag_offsets(b_idx, B), vals, self.W_dec_FD) + self.b_dec_D
+
+    @torch.no_grad()
+    def _decode_where(self, pre_BF: Tensor, mask_BF: Tensor) -> Tensor:
+        """decode_acts(pre * mask) for a mask that keeps only positive entries, without the
+        dense product (the same entries in the same order, so the same values)."""
+        b_idx, f_idx = mask_BF.nonzero(as_tuple=True)
+        return self._decode_entries(b_idx, f_idx, pre_BF[b_idx, f_idx], pre_BF.shape[0])
 
     @torch.no_grad()
     def reconstruct(self, x_BD: Tensor, thresholds_F: Tensor | None = None, batch_topk: bool = False) -> Tensor:
@@ -523,9 +535,13 @@ class BatchTopKSAE(nn.Module):
         th = thresholds_F if thresholds_F is not None else th_global
         fired = pre > th
         on_global = pre > th_global
-        x_hat_n = self.decode_acts(pre * on_global)
-        eer_n = self.decode_acts(pre * fired) if thresholds_F is not None else x_hat_n
-        btk_n = self.decode_acts(pre * self.batch_topk_mask(pre))
+        # pre > th >= 0 on every kept entry: the masks keep positive values only
+        x_hat_n = self._decode_where(pre, on_global)
+        eer_n = self._decode_where(pre, fired) if thresholds_F is not None else x_hat_n
+        sel = self.select(pre)
+        pos = pre[sel.b_idx, sel.f_idx] > 0
+        b_k, f_k = sel.b_idx[pos], sel.f_idx[pos]
+        btk_n = self._decode_entries(b_k, f_k, pre[b_k, f_k], pre.shape[0])
         return {"fired_BF": fired, "x_hat_BD": self.unstandardize(x_hat_n, mu, std),
                 "sse_threshold": (x_hat_n - x_n).pow(2).sum(), "sse_eer": (eer_n - x_n).pow(2).sum(),
                 "sse_batchtopk": (btk_n - x_n).pow(2).sum(), "l0_threshold": on_global.sum(),
