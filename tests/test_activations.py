@@ -372,3 +372,21 @@ def test_massive_variance_stats_in_one_pass_equal_the_dense_computation():
     assert massive_variance_stats(X.split(64), np.zeros(1000, bool))[0] == 0.0
     with pytest.raises(ValueError, match="flags"):
         massive_variance_stats(X.split(64), massive[:-1])
+
+
+def test_rechunk_regroups_rows_exactly_and_copies_only_chunks_that_span_parts():
+    import random
+
+    from metasae.activations.cache import _rechunk
+
+    rng = random.Random(0)
+    for _ in range(200):
+        parts = [torch.randn(rng.randint(0, 40), 3) for _ in range(rng.randint(0, 6))]
+        c = rng.randint(1, 25)
+        rows = torch.cat(parts) if parts else torch.zeros(0, 3)
+        got = list(_rechunk(iter(parts), c))
+        want = list(torch.split(rows, c)) if rows.shape[0] else []
+        assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
+    big = torch.randn(100, 3)
+    first = next(_rechunk(iter([big]), 10))
+    assert first.data_ptr() == big.data_ptr()  # a view, not a copy

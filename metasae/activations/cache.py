@@ -399,19 +399,28 @@ class ResidentActs(ShardedActs):
 
 
 def _rechunk(parts: Iterator[torch.Tensor], chunk_tokens: int) -> Iterator[torch.Tensor]:
-    """The rows of ``parts`` (n_i x D each) regrouped into chunks of exactly ``chunk_tokens`` (the last shorter)."""
+    """The rows of ``parts`` (n_i x D each) regrouped into chunks of exactly ``chunk_tokens`` (the last shorter).
+
+    A chunk inside one part is a view of it (no copy); only a chunk that spans parts is concatenated."""
     buf: list[torch.Tensor] = []
     n = 0
     for x in parts:
-        buf.append(x)
-        n += x.shape[0]
-        while n >= chunk_tokens:
-            cat = torch.cat(buf)
-            yield cat[:chunk_tokens]
-            rest = cat[chunk_tokens:]
-            buf, n = ([rest] if rest.shape[0] else []), rest.shape[0]
+        start = 0
+        if n:  # complete the chunk begun in earlier parts
+            need = chunk_tokens - n
+            if x.shape[0] < need:
+                buf.append(x)
+                n += x.shape[0]
+                continue
+            yield torch.cat([*buf, x[:need]])
+            buf, n, start = [], 0, need
+        while x.shape[0] - start >= chunk_tokens:
+            yield x[start:start + chunk_tokens]
+            start += chunk_tokens
+        if start < x.shape[0]:
+            buf, n = [x[start:]], x.shape[0] - start
     if n:
-        yield torch.cat(buf)
+        yield torch.cat(buf) if len(buf) > 1 else buf[0]
 
 
 @dataclass
