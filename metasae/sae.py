@@ -400,14 +400,7 @@ class BatchTopKSAE(nn.Module):
         """AuxK loss of :meth:`train_step` (as :meth:`_aux_loss`), its gradient added to the given
         buffers on the dead latents' rows only.  ``G_BD`` is 2 (x_hat_n - x_n) / (B d): the residual
         x_n - x_hat_n is -G * BD / 2."""
-        dead_idx = torch.nonzero(dead_F).squeeze(1)
-        k_aux = min(self.cfg.aux_k, dead_idx.numel())
-        pre_BK = pre_BF[:, dead_idx]
-        if k_aux >= dead_idx.numel():
-            acts = pre_BK
-        else:
-            top = torch.topk(pre_BK, k_aux, dim=1)
-            acts = torch.zeros_like(pre_BK).scatter_(1, top.indices, top.values)
+        dead_idx, acts = self._aux_acts(pre_BF, dead_F)
         dt = acts.dtype
         W_dead = self.W_dec_FD.detach()[dead_idx].to(dt)
         diff = (acts @ W_dead).float().add_(G_BD, alpha=BD / 2.0)  # recon - residual
@@ -447,6 +440,17 @@ class BatchTopKSAE(nn.Module):
                 thr.copy_(torch.where(any_positive, new, thr))
         return positive.sum().double() / B, min_kept
 
+    def _aux_acts(self, pre_BF: Tensor, dead_F: Tensor) -> tuple[Tensor, Tensor]:
+        """(dead latents' indices, B x n_dead activations): each token's top aux_k ReLU
+        pre-activations among the dead latents, zeros elsewhere (AuxK's input)."""
+        dead_idx = torch.nonzero(dead_F).squeeze(1)
+        k_aux = min(self.cfg.aux_k, dead_idx.numel())
+        pre_BK = pre_BF[:, dead_idx]
+        if k_aux >= dead_idx.numel():  # every dead latent is kept: no selection needed
+            return dead_idx, pre_BK
+        top = torch.topk(pre_BK, k_aux, dim=1)
+        return dead_idx, torch.zeros_like(pre_BK).scatter_(1, top.indices, top.values)
+
     def _aux_loss(self, pre_BF: Tensor, x_n_BD: Tensor, x_hat_n_BD: Tensor, dead_F: Tensor) -> Tensor:
         """AuxK: the top aux_k dead pre-activations reconstruct the residual x_n - x_hat (detached).
 
@@ -454,14 +458,7 @@ class BatchTopKSAE(nn.Module):
         autocast with fp32 master weights): with aux_k a sizeable fraction of the
         dead latents this beats a sparse gather of B * aux_k entries by a wide margin.
         """
-        dead_idx = torch.nonzero(dead_F).squeeze(1)
-        k_aux = min(self.cfg.aux_k, dead_idx.numel())
-        pre_BK = pre_BF[:, dead_idx]
-        if k_aux >= dead_idx.numel():  # every dead latent is kept: no selection needed
-            acts_BK = pre_BK
-        else:
-            top = torch.topk(pre_BK, k_aux, dim=1)
-            acts_BK = torch.zeros_like(pre_BK).scatter_(1, top.indices, top.values)
+        dead_idx, acts_BK = self._aux_acts(pre_BF, dead_F)
         recon = _DenseAux.apply(self.W_enc_DF, self.b_dec_D, self.W_dec_FD, x_n_BD, dead_idx, acts_BK)
         residual = (x_n_BD - x_hat_n_BD).detach()
         return self.cfg.aux_coef * (recon - residual).pow(2).mean()
