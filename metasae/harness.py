@@ -72,9 +72,10 @@ from metasae.io import atomic_write_json, atomic_write_text
 
 NOTEBOOK_DIR = paths.REPO_ROOT / "notebooks"
 PER_SEED_MARKER = "metasae: per-seed"
+MARKER_KEY = "metasae:"
 MARKER_LINES = 30
-"""The per-seed marker counts when it is one of a notebook's first 30 lines, as a comment line
-(``#   metasae: per-seed``).  Its place is the jupytext header (a key of the notebook's
+"""The ``metasae:`` line (e.g. ``#   metasae: per-seed; after 01_train``) counts when it is one of
+a notebook's first 30 lines, as a comment line.  Its place is the jupytext header (a key of the notebook's
 metadata): a comment *above* the header would hide the header, and with it the kernelspec,
 from jupytext, and papermill could not run the converted notebook."""
 DEFAULT_KERNELS = ("metasae", "python3")
@@ -97,10 +98,23 @@ class HarnessError(RuntimeError):
     """Bad input or a failed notebook; the message is one sentence for the user."""
 
 
+@dataclass(frozen=True)
+class Prepare:
+    """A preparation a notebook declares (``prepare NAME [after A, B]``): work the harness runs
+    in its own process before the notebook, beside other work (see PREPARATIONS)."""
+    name: str
+    after: tuple[str, ...] | None = None
+    """Notebooks it waits for; None: those the notebook itself waits for."""
+
+
 @dataclass
 class Notebook:
     path: Path
     per_seed: bool
+    after: tuple[str, ...] | None = None
+    """The notebooks this one reads from (``after A, B``; ``after nothing``); None: every earlier
+    one.  A per-seed notebook after a per-seed one waits for the same seed only."""
+    prepare: tuple[Prepare, ...] = ()
 
     @property
     def name(self) -> str:
@@ -117,7 +131,9 @@ class Execution:
     """Epoch seconds (time.time()) when the execution began, and ended."""
     ended: float = 0.0
     concurrency: int = 1
-    """How many executions of its notebook ran side by side (1: one at a time)."""
+    """How many executions (of any notebook) ran side by side with it at most, itself included."""
+    part: str | None = None
+    """A preparation's label (e.g. "train pass 1 of 2"); None for the notebook's own execution."""
 
 
 @dataclass
@@ -361,19 +377,60 @@ def _check_writable(folder: Path, what: str) -> None:
 
 
 def discover(folder: Path) -> list[Notebook]:
-    """The notebooks in ``folder``: ``*.py`` not starting with '_' or '.', in filename order."""
+    """The notebooks in ``folder``: ``*.py`` not starting with '_' or '.', in filename order,
+    with the directives of their ``metasae:`` header line (:func:`parse_directives`)."""
     if not folder.is_dir():
         raise HarnessError(f"the notebooks folder {folder} does not exist")
-    found = []
+    found: list[Notebook] = []
     for path in sorted(folder.glob("*.py")):
         if path.name.startswith(("_", ".")):
             continue
         head = path.read_text(encoding="utf-8").splitlines()[:MARKER_LINES]
-        found.append(Notebook(path, any(line.startswith("#") and line.lstrip("#").strip() == PER_SEED_MARKER
-                                        for line in head)))
+        texts = [line.lstrip("#").strip() for line in head if line.startswith("#")]
+        nb = Notebook(path, False)
+        for text in texts:
+            if text.startswith(MARKER_KEY):
+                parse_directives(nb, text[len(MARKER_KEY):], [n.name for n in found])
+        found.append(nb)
     if not found:
         raise HarnessError(f"no notebooks (*.py) found in {folder}")
     return found
+
+
+def _names(text: str, nb: Notebook, earlier: list[str]) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if names == ("nothing",):
+        return ()
+    for n in names:
+        if n not in earlier:
+            raise HarnessError(f"notebook {nb.path.name}: 'after {n}' names no earlier notebook "
+                               f"(earlier: {', '.join(earlier) or 'none'})")
+    return names
+
+
+def parse_directives(nb: Notebook, text: str, earlier: list[str]) -> None:
+    """Apply the ``;``-separated directives of a ``metasae:`` header line to ``nb``:
+
+    * ``per-seed``: run once per seed (parameter ``seed``);
+    * ``after A, B`` (or ``after nothing``): the notebooks it reads from, all earlier ones;
+      without it a notebook waits for every earlier notebook;
+    * ``prepare NAME [after A, B]``: a preparation of PREPARATIONS, run beside other work
+      before this notebook (``--jobs`` > 1 only; with one job the notebook does it itself).
+    """
+    for part in (p.strip() for p in text.split(";")):
+        if part == "per-seed":
+            nb.per_seed = True
+        elif part.startswith("after "):
+            nb.after = _names(part[len("after "):], nb, earlier)
+        elif part.startswith("prepare "):
+            name, _, after = part[len("prepare "):].partition(" after ")
+            if name.strip() not in PREPARATIONS:
+                raise HarnessError(f"notebook {nb.path.name}: unknown preparation {name.strip()!r} "
+                                   f"(known: {', '.join(PREPARATIONS)})")
+            nb.prepare += (Prepare(name.strip(), _names(after, nb, earlier) if after else None),)
+        elif part:
+            raise HarnessError(f"notebook {nb.path.name}: unknown directive {part!r} in its '{MARKER_KEY}' "
+                               "header line (per-seed; after A, B; prepare NAME [after A, B])")
 
 
 def pick_kernel(requested: str) -> str:
@@ -429,23 +486,13 @@ def run(plan: Plan) -> Path | None:
     })
     try:
         with tempfile.TemporaryDirectory(prefix="metasae-nb-") as tmp:
-            for nb in plan.notebooks:
-                src = Path(tmp) / f"{nb.name}.ipynb"
-                notebook = jupytext.read(nb.path)
-                if not any("parameters" in c.metadata.get("tags", []) for c in notebook.cells):
-                    raise HarnessError(f"notebook {nb.path.name} has no cell tagged parameters "
-                                       "(# %% tags=[\"parameters\"]); see notebooks/README.md")
-                notebook.metadata["kernelspec"] = {"name": plan.kernel, "language": "python",
-                                                   "display_name": f"Python ({plan.kernel})"}
-                notebook.metadata.setdefault("language_info", {"name": "python"})
-                nbformat.write(notebook, src)
-                seeds: list[int | None] = list(plan.seeds) if nb.per_seed else [None]
-                concurrency = min(plan.jobs, len(seeds))
-                if concurrency > 1:
-                    _execute_concurrently(plan, nb, seeds, src, nb_out, seeds_text, concurrency, Path(tmp), nbformat)
-                    continue
-                for seed in seeds:
-                    _execute(plan, nb, seed, src, nb_out, seeds_text, papermill, nbformat)
+            srcs = {nb.name: _converted(plan, nb, Path(tmp), jupytext, nbformat) for nb in plan.notebooks}
+            if plan.jobs > 1:
+                _execute_graph(plan, build_tasks(plan), srcs, nb_out, seeds_text, Path(tmp), nbformat)
+            else:
+                for nb in plan.notebooks:
+                    for seed in (list(plan.seeds) if nb.per_seed else [None]):
+                        _execute(plan, nb, seed, srcs[nb.name], nb_out, seeds_text, papermill, nbformat)
     finally:
         os.environ.clear()
         os.environ.update(env_before)
@@ -459,6 +506,20 @@ def run(plan: Plan) -> Path | None:
             print(f"ran {', '.join(n.path.name for n in plan.notebooks)}; merged into {merged}")
         return None
     return write_results(plan, index)
+
+
+def _converted(plan: Plan, nb: Notebook, tmp: Path, jupytext: Any, nbformat: Any) -> Path:
+    """The notebook as .ipynb for papermill, with the run's kernel."""
+    src = tmp / f"{nb.name}.ipynb"
+    notebook = jupytext.read(nb.path)
+    if not any("parameters" in c.metadata.get("tags", []) for c in notebook.cells):
+        raise HarnessError(f"notebook {nb.path.name} has no cell tagged parameters "
+                           "(# %% tags=[\"parameters\"]); see notebooks/README.md")
+    notebook.metadata["kernelspec"] = {"name": plan.kernel, "language": "python",
+                                       "display_name": f"Python ({plan.kernel})"}
+    notebook.metadata.setdefault("language_info", {"name": "python"})
+    nbformat.write(notebook, src)
+    return src
 
 
 def _params(plan: Plan, nb: Notebook, seed: int | None, nb_out: Path,
@@ -541,9 +602,125 @@ def _execute(plan: Plan, nb: Notebook, seed: int | None, src: Path, nb_out: Path
     print(f"[metasae] done {label} in {seconds:.1f} s", flush=True)
 
 
+# ---------------------------------------------------------------------------
+# Several processes: the task graph
+# ---------------------------------------------------------------------------
+
+
+def _prepare_train_passes(profile: Profile, seeds: list[int]) -> list[tuple[int | None, str, str, dict, float]]:
+    """A task per training pass of every seed trained in several (``train.runs_per_pass``)."""
+    out: list[tuple[int | None, str, str, dict, float]] = []
+    for s in seeds:
+        passes = profile.train_passes(s)
+        if len(passes) > 1:
+            n = sum(len(p) for p in passes)
+            out += [(s, f"train pass {i + 1} of {len(passes)}", "train_pass", {"seed": s, "index": i},
+                     len(runs) / n) for i, runs in enumerate(passes)]
+    return out
+
+
+def _prepare_judge_validation(profile: Profile, seeds: list[int]) -> list[tuple[int | None, str, str, dict, float]]:
+    """The judge validation set, when notebook 03 would score it (once per run, on the first seed)."""
+    cfg = profile.autointerp
+    if cfg.validation and seeds and (cfg.seed_only < 0 or cfg.seed_only == seeds[0]) \
+            and seeds[0] == profile.seeds[0]:
+        return [(None, "judge validation", "judge_validation", {}, 0.0)]
+    return []
+
+
+PREPARATIONS = {"train_passes": _prepare_train_passes, "judge_validation": _prepare_judge_validation}
+"""Preparations a notebook may declare (``prepare NAME``): name -> function(profile, seeds)
+returning (seed or None, label, pipeline function, its keyword arguments, share of the
+notebook's time it takes over).  Each becomes a task that calls ``metasae.pipeline.<function>(ctx,
+**kwargs)`` in its own process; the notebook (that seed's, or every seed's for None) waits for it
+and finds its work done.  The pipeline functions are idempotent: the notebook run alone (one job,
+or papermill by hand) does the same work itself."""
+
+FALLBACK_ESTIMATE_S = 60.0
+"""The assumed seconds of a task no earlier run has timed (it orders the ready tasks only)."""
+
+
+@dataclass
+class _Task:
+    notebook: Notebook
+    seed: int | None
+    part: str | None = None
+    call: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    deps: list[int] = field(default_factory=list)
+    share: float = 0.0
+    est: float = FALLBACK_ESTIMATE_S
+    priority: float = 0.0
+
+    @property
+    def label(self) -> str:
+        text = self.notebook.path.name
+        bits = ([] if self.seed is None else [f"seed {self.seed}"]) + ([self.part] if self.part else [])
+        return text + (f" ({', '.join(bits)})" if bits else "")
+
+
+def build_tasks(plan: Plan, history: dict[tuple[str, int | None, str | None], float] | None = None) -> list[_Task]:
+    """Every execution of the plan as a task with the tasks it waits for, in notebook order
+    (a task waits only for earlier ones), each with its priority: its estimated seconds plus
+    the longest chain of tasks waiting on it (the critical path; estimates from
+    :func:`timing_history`).  Notebooks outside the plan (``--only``) count as done."""
+    history = timing_history(plan) if history is None else history
+    index = {nb.name: i for i, nb in enumerate(plan.notebooks)}
+    tasks: list[_Task] = []
+    of_notebook: dict[str, list[int]] = {}
+
+    def waits_for(nb: Notebook, seed: int | None, after: tuple[str, ...] | None) -> list[int]:
+        names = [n.name for n in plan.notebooks[:index[nb.name]]] if after is None else \
+            [a for a in after if a in index]
+        return [j for a in names for j in of_notebook[a]
+                if seed is None or tasks[j].seed is None or tasks[j].seed == seed]
+
+    for nb in plan.notebooks:
+        preps: list[int] = []
+        for prep in nb.prepare:
+            for seed, part, call, kwargs, share in PREPARATIONS[prep.name](plan.profile, list(plan.seeds)):
+                after = prep.after if prep.after is not None else nb.after
+                tasks.append(_Task(nb, seed, part, call, kwargs, waits_for(nb, seed, after), share))
+                preps.append(len(tasks) - 1)
+        of_notebook[nb.name] = []
+        for seed in (list(plan.seeds) if nb.per_seed else [None]):
+            mine = [j for j in preps if tasks[j].seed is None or tasks[j].seed == seed]
+            tasks.append(_Task(nb, seed, deps=waits_for(nb, seed, nb.after) + mine))
+            of_notebook[nb.name].append(len(tasks) - 1)
+    for t in tasks:
+        t.est = _estimate(t, history)
+    for j in range(len(tasks) - 1, -1, -1):
+        after_me = [tasks[c].priority for c in range(j + 1, len(tasks)) if j in tasks[c].deps]
+        tasks[j].priority = tasks[j].est + max(after_me, default=0.0)
+    return tasks
+
+
+def _estimate(t: _Task, history: dict[tuple[str, int | None, str | None], float]) -> float:
+    got = history.get((t.notebook.name, t.seed, t.part))
+    if got is None and t.part and t.share > 0:  # a run that did this inside the notebook
+        whole = history.get((t.notebook.name, t.seed, None))
+        got = None if whole is None else whole * t.share
+    return FALLBACK_ESTIMATE_S if got is None else got
+
+
+def timing_history(plan: Plan) -> dict[tuple[str, int | None, str | None], float]:
+    """Seconds per (notebook, seed, part) of the last complete run in the output folder, else of
+    the committed reference run of the profile (``results/<profile>/summary.json``); {} if none."""
+    for path in (plan.out / "results.json", paths.REPO_ROOT / "results" / plan.profile.name / "summary.json"):
+        try:
+            stages = json.loads(path.read_text(encoding="utf-8")).get("stages")
+            out = {(name, e.get("seed"), e.get("part")): float(e["seconds"])
+                   for name, st in stages.items() for e in st["per_execution"]}
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            continue
+        if out:
+            return out
+    return {}
+
+
 @dataclass
 class _Running:
-    seed: int | None
+    task: int
     label: str
     output: Path
     result: Path
@@ -551,63 +728,84 @@ class _Running:
     proc: subprocess.Popen
     started: float
     t0: float
+    side_by_side: int = 1
 
 
-def _execute_concurrently(plan: Plan, nb: Notebook, seeds: list[int | None], src: Path, nb_out: Path,
-                          seeds_text: str, concurrency: int, tmp: Path, nbformat: Any) -> None:
-    """Run the seeds of one per-seed notebook in up to `concurrency` worker processes.
+def _execute_graph(plan: Plan, tasks: list[_Task], srcs: dict[str, Path], nb_out: Path, seeds_text: str,
+                   tmp: Path, nbformat: Any) -> None:
+    """Run the tasks in up to ``plan.jobs`` worker processes, each as soon as every task it waits
+    for has finished, the ready task with the longest estimated chain after it first.
 
-    Returns when every seed has succeeded; on the first failure the other
-    workers are stopped and HarnessError is raised.  Executions are recorded
-    in seed order.
-    """
-    threads = str(threads_per_process(concurrency))
-    pending = list(seeds)
+    A task starts with ``METASAE_THREADS`` = CPUs // (the tasks that can run beside it: those
+    running and those ready, at most ``jobs``).  On the first failure the other workers are
+    stopped and HarnessError is raised; nothing later starts."""
+    cpus = cpu_count()
+    waiting = set(range(len(tasks)))
+    finished: set[int] = set()
     running: list[_Running] = []
-    done: dict[int | None, Execution] = {}
-    print(f"[metasae] {nb.path.name}: {len(seeds)} seeds, {concurrency} at a time, "
-          f"{threads} thread(s) each", flush=True)
+    done: dict[int, Execution] = {}
+    print(f"[metasae] {len(tasks)} executions, up to {plan.jobs} at a time", flush=True)
     try:
-        while pending or running:
-            while pending and len(running) < concurrency:
-                running.append(_launch(plan, nb, pending.pop(0), src, nb_out, seeds_text, threads, tmp))
+        while waiting or running:
+            ready = sorted((j for j in waiting if all(d in finished for d in tasks[j].deps)),
+                           key=lambda j: (-tasks[j].priority, j))
+            if not ready and not running:  # cannot happen: a task waits only for earlier ones
+                raise HarnessError("the remaining notebooks wait on each other; nothing can start")
+            while ready and len(running) < plan.jobs:
+                j = ready.pop(0)
+                threads = max(1, cpus // max(1, min(plan.jobs, len(running) + 1 + len(ready))))
+                waiting.discard(j)
+                running.append(_launch(plan, tasks[j], j, srcs, nb_out, seeds_text, str(threads), tmp))
+            for r in running:
+                r.side_by_side = max(r.side_by_side, len(running))
             time.sleep(POLL_S)
             for r in [r for r in running if r.proc.poll() is not None]:
                 running.remove(r)
+                t = tasks[r.task]
                 seconds = time.perf_counter() - r.t0
-                failure = _check_executed(r.output, _worker_failure(r), nbformat)
+                failure = _worker_failure(r) if t.call else _check_executed(r.output, _worker_failure(r), nbformat)
                 if failure:
-                    note = (f" (stopped the {len(running)} other seed(s) still running)" if running else "")
+                    note = (f" (stopped the {len(running)} other execution(s) still running)" if running else "")
                     _stop(running)
                     running.clear()
                     raise _failed(r.label, seconds, failure, r.output, note)
-                done[r.seed] = Execution(nb, r.seed, r.output, seconds, r.started, r.started + seconds,
-                                         concurrency)
+                finished.add(r.task)
+                done[r.task] = Execution(t.notebook, t.seed, r.output, seconds, r.started, r.started + seconds,
+                                         r.side_by_side, t.part)
                 print(f"[metasae] done {r.label} in {seconds:.1f} s", flush=True)
     finally:
         _stop(running)
-    plan.executions.extend(done[s] for s in seeds)
+    plan.executions.extend(done[j] for j in range(len(tasks)))  # notebook order, preparations first
 
 
-def _launch(plan: Plan, nb: Notebook, seed: int | None, src: Path, nb_out: Path, seeds_text: str,
+def _launch(plan: Plan, task: _Task, j: int, srcs: dict[str, Path], nb_out: Path, seeds_text: str,
             threads: str, tmp: Path) -> _Running:
+    nb, seed = task.notebook, task.seed
     params, output, label = _params(plan, nb, seed, nb_out, seeds_text)
-    stem = f"{nb.name}.seed{seed}"
-    spec, result, log = tmp / f"{stem}.spec.json", tmp / f"{stem}.result.json", tmp / f"{stem}.log"
+    stem = f"task{j}"
+    spec, result = tmp / f"{stem}.spec.json", tmp / f"{stem}.result.json"
     result.unlink(missing_ok=True)
-    spec.write_text(json.dumps({"src": str(src), "output": str(output), "params": params,
-                                "kernel": plan.kernel, "result": str(result)}))
+    if task.call:  # a preparation: its log stays beside the executed notebooks
+        label = task.label
+        output = log = nb_out / (f"{nb.name}" + ("" if seed is None else f".seed{seed}")
+                                 + f".{task.part.replace(' ', '_')}.log")
+        spec.write_text(json.dumps({"call": task.call, "kwargs": task.kwargs, "params": params,
+                                    "result": str(result)}))
+    else:
+        log = tmp / f"{stem}.log"
+        spec.write_text(json.dumps({"src": str(srcs[nb.name]), "output": str(output), "params": params,
+                                    "kernel": plan.kernel, "result": str(result)}))
     env = dict(os.environ)
     env.update({"METASAE_NOTEBOOK": nb.name, "METASAE_SEED": "" if seed is None else str(seed)})
     env.update({name: threads for name in THREAD_ENVS})
-    print(f"[metasae] running {label} ...", flush=True)
+    print(f"[metasae] running {label} ({threads} thread(s)) ...", flush=True)
     with open(log, "wb") as log_file:
         proc = subprocess.Popen(
             [sys.executable, "-c", "import sys; from metasae.harness import _worker; sys.exit(_worker(sys.argv[1]))",
              str(spec)],
             cwd=str(paths.REPO_ROOT), env=env, stdin=subprocess.DEVNULL, stdout=log_file,
             stderr=subprocess.STDOUT, start_new_session=True)
-    return _Running(seed, label, output, result, log, proc, time.time(), time.perf_counter())
+    return _Running(j, label, output, result, log, proc, time.time(), time.perf_counter())
 
 
 def _worker_failure(r: _Running) -> str:
@@ -639,19 +837,38 @@ def _stop(running: list[_Running]) -> None:
 
 
 def _worker(spec_path: str) -> int:
-    """Entry point of one concurrent execution: run papermill, write {"failure": ...}."""
+    """Entry point of one worker process: run papermill (or a preparation's pipeline call),
+    write {"failure": ...} ('' on success)."""
     import signal
 
     def _interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _interrupt)  # papermill then shuts the kernel down
-    import papermill
-
     spec = json.loads(Path(spec_path).read_text())
-    failure = _papermill(spec["src"], spec["output"], spec["params"], spec["kernel"], papermill)
+    if spec.get("call"):
+        failure = _call(spec["call"], spec["kwargs"], spec["params"])
+    else:
+        import papermill
+
+        failure = _papermill(spec["src"], spec["output"], spec["params"], spec["kernel"], papermill)
     atomic_write_json(Path(spec["result"]), {"failure": failure})
     return 0
+
+
+def _call(name: str, kwargs: dict[str, Any], params: dict[str, Any]) -> str:
+    """``metasae.pipeline.<name>(ctx, **kwargs)`` for the run the notebooks see; '' or the failure."""
+    import traceback
+
+    try:
+        from metasae import pipeline
+
+        ctx = pipeline.open_run(params["profile"], params["out_dir"], params["figures_dir"])
+        getattr(pipeline, name)(ctx, **kwargs)
+    except Exception as exc:  # reported as the task's failure, with the traceback in its log
+        traceback.print_exc()
+        return _one_line(exc)
+    return ""
 
 
 def _error_output(nb: Any) -> str:
@@ -732,11 +949,12 @@ def merge_partial(plan: Plan, index: Path) -> Path | None:
         return None
     commit, dirty = plan.git if plan.git is not None else git_state()
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    new = {(ex.notebook.path.name, ex.seed): ex for ex in plan.executions}
+    ran_now = [ex for ex in plan.executions if ex.part is None]
+    new = {(ex.notebook.path.name, ex.seed): ex for ex in ran_now}
     kept = [n for n in record["notebooks"] if (n.get("notebook"), n.get("seed")) not in new]
     record["notebooks"] = kept + [
         {"notebook": ex.notebook.path.name, "seed": ex.seed, "seconds": round(ex.seconds, 3),
-         "executed": str(ex.output), "commit": commit, "finished": now} for ex in plan.executions]
+         "executed": str(ex.output), "commit": commit, "finished": now} for ex in ran_now]
     record["seeds"] = sorted({*record.get("seeds", []), *plan.seeds})
     record.setdefault("updates", []).append({
         "notebooks": [nb.path.name for nb in plan.notebooks], "seeds": list(plan.seeds), "commit": commit,
@@ -768,13 +986,15 @@ def git_state(root: Path = paths.REPO_ROOT) -> tuple[str, bool | None]:
 
 def stage_timings(executions: list[Execution]) -> dict[str, dict[str, Any]]:
     """Per notebook, in run order: ``wall_s`` (first start to last end over its
-    executions), ``per_execution`` ([{seed, seconds}]) and ``concurrency``."""
+    executions, preparations included), ``per_execution`` ([{seed, seconds[, part]}]) and
+    ``concurrency`` (the most executions that ran side by side with one of them)."""
     groups: dict[str, list[Execution]] = {}
     for ex in executions:
         groups.setdefault(ex.notebook.name, []).append(ex)
     return {name: {
         "wall_s": round(max(e.ended for e in exs) - min(e.started for e in exs), 3),
-        "per_execution": [{"seed": e.seed, "seconds": round(e.seconds, 3)} for e in exs],
+        "per_execution": [{"seed": e.seed, "seconds": round(e.seconds, 3), **({"part": e.part} if e.part else {})}
+                          for e in exs],
         "concurrency": max(e.concurrency for e in exs),
     } for name, exs in groups.items()}
 
@@ -822,7 +1042,7 @@ def write_results(plan: Plan, index: Path) -> Path:
         **total_wall(plan.started),
         "stages": stage_timings(plan.executions),
         "notebooks": [{"notebook": ex.notebook.path.name, "seed": ex.seed, "seconds": round(ex.seconds, 3),
-                       "executed": str(ex.output)} for ex in plan.executions],
+                       "executed": str(ex.output)} for ex in plan.executions if ex.part is None],
         "artifacts": entries,
     }
     atomic_write_json(plan.out / "results.json", record)

@@ -121,46 +121,62 @@ def train_seed(ctx: RunContext, seed: int, progress: bool = True, dist: Any = No
     ``dist`` (:func:`metasae.distributed.init`, under torchrun): data parallel; rank 0 builds
     the activation cache while the others wait, and every rank trains on its rows of each
     global batch (of a streamed split, each rank harvests only its own rows)."""
-    from metasae.trainer import train_in_passes
-
-    p = ctx.profile
     set_threads(ctx)
-    runs = p.runs_for_seed(seed)
+    runs = ctx.profile.runs_for_seed(seed)
     root = ckpt_root(ctx, seed)
     key = (str(root), seed)
     if key in _TRAINED:  # finished runs load (and verify checksums) once per process
         return _TRAINED[key]
     tr = read_trainer(root)
     if tr is None or not tr.get("complete"):
-        main = dist is None or dist.is_main
-        if not main:
-            dist.barrier()  # rank 0 builds (or checks) the cache first
-        cache = ensure_activations(ctx, progress=progress and main)
-        if dist is not None and main:
-            dist.barrier()
-        B = p.train.batch_size
-        cut = cache.massive_norm(p.data.massive_norm_ratio)
-        if cache.streamed("train"):  # under torchrun each rank harvests its own rows
-            batches, n_steps = _streamed_batches(ctx, cache, seed, cut, dist)
-        else:
-            n_steps = cache.num_batches("train", B, p.train.epochs, exclude_above=cut)
-
-            def batches(start: int):  # under torchrun, this rank's rows of each global batch
-                it = cache.iter_batches("train", B, seed=seed, epochs=p.train.epochs, start_batch=start,
-                                        exclude_above=cut)
-                return it if dist is None else (dist.shard(x) for x in it)
-
-        def calib():  # held-out tokens for the inference threshold (L0 = k on them)
-            return cache.valid_acts("calib", B)
-
-        commit, dirty = git_state()
-        train_in_passes(p.sae, p.meta, p.train, p.train_passes(seed), batches, n_steps, root, calib=calib,
-                        snapshot_steps=snapshot_steps(ctx, n_steps), snapshot_runs=("solo", p.replicated_run),
-                        desc=f"seed {seed}: {len(runs)} SAEs", progress=progress and main, dist=dist,
-                        rebuild_hint=_rebuild_hint(ctx, root),
-                        export_metadata=saelens_export_metadata(p, cache.manifest["bos_token_id"], cut, commit, dirty))
+        _train(ctx, seed, progress, dist)
     _TRAINED[key] = {r.name: load_trained_run(root, r.name, _rebuild_hint(ctx, root)) for r in runs}
     return _TRAINED[key]
+
+
+def train_pass(ctx: RunContext, seed: int, index: int, progress: bool = True) -> None:
+    """Train (or resume) pass ``index`` of ``train.runs_per_pass`` alone: the harness runs the
+    passes of a seed in separate processes side by side (``--jobs``), then notebook 01 finds
+    them complete.  Each run's weights are those of training every pass in one process."""
+    _train(ctx, seed, progress, None, only=index)
+
+
+def _train(ctx: RunContext, seed: int, progress: bool, dist: Any, only: int | None = None) -> None:
+    from metasae.trainer import train_in_passes
+
+    p = ctx.profile
+    set_threads(ctx)
+    runs = p.runs_for_seed(seed)
+    root = ckpt_root(ctx, seed)
+    main = dist is None or dist.is_main
+    if not main:
+        dist.barrier()  # rank 0 builds (or checks) the cache first
+    cache = ensure_activations(ctx, progress=progress and main)
+    if dist is not None and main:
+        dist.barrier()
+    B = p.train.batch_size
+    cut = cache.massive_norm(p.data.massive_norm_ratio)
+    if cache.streamed("train"):  # under torchrun each rank harvests its own rows
+        batches, n_steps = _streamed_batches(ctx, cache, seed, cut, dist)
+    else:
+        n_steps = cache.num_batches("train", B, p.train.epochs, exclude_above=cut)
+
+        def batches(start: int):  # under torchrun, this rank's rows of each global batch
+            it = cache.iter_batches("train", B, seed=seed, epochs=p.train.epochs, start_batch=start,
+                                    exclude_above=cut)
+            return it if dist is None else (dist.shard(x) for x in it)
+
+    def calib():  # held-out tokens for the inference threshold (L0 = k on them)
+        return cache.valid_acts("calib", B)
+
+    commit, dirty = git_state()
+    passes = p.train_passes(seed)
+    n_runs = len(runs) if only is None else len(passes[only]) if 0 <= only < len(passes) else 0
+    train_in_passes(p.sae, p.meta, p.train, passes, batches, n_steps, root, calib=calib,
+                    snapshot_steps=snapshot_steps(ctx, n_steps), snapshot_runs=("solo", p.replicated_run),
+                    desc=f"seed {seed}: {n_runs} SAEs", progress=progress and main, dist=dist,
+                    rebuild_hint=_rebuild_hint(ctx, root), only=only,
+                    export_metadata=saelens_export_metadata(p, cache.manifest["bos_token_id"], cut, commit, dirty))
 
 
 _TRAINED: dict[tuple[str, int], dict[str, TrainedRun]] = {}
@@ -586,10 +602,6 @@ def judge_client(ctx: RunContext):
 
     cfg = ctx.profile.autointerp
     key = (str(ctx.out), cfg.backend, cfg.model, cfg.base_url)
-    if cfg.seed_only >= 0 and cfg.backend != "openai":
-        # only one seed's process runs the judge (the others finish in seconds), so the
-        # per-process thread share the harness gives parallel seeds would idle the other cores
-        torch.set_num_threads(max(torch.get_num_threads(), os.cpu_count() or 1))
     if key not in _JUDGES:
         _JUDGES.clear()  # one judge in memory at a time
         _JUDGES[key] = make_client(cfg, cache_dir=ctx.out / "llm_cache")

@@ -431,9 +431,14 @@ def _on_device(batches: Iterator[torch.Tensor], device: torch.device) -> Iterato
 def train_in_passes(sae_cfg: SAEConfig, meta_cfg: MetaConfig, train_cfg: TrainConfig, passes: list[list[RunSpec]],
                     batches: BatchSource, n_steps: int, ckpt_root: str | Path,
                     calib: Callable[[], Iterator[torch.Tensor]] | None = None, snapshot_steps: tuple[int, ...] = (),
-                    snapshot_runs: tuple[str, ...] = (), desc: str = "train", **kw: Any) -> None:
+                    snapshot_runs: tuple[str, ...] = (), desc: str = "train", only: int | None = None,
+                    **kw: Any) -> None:
     """Train every run of `passes`, one :class:`FanOutTrainer` per pass, each over the same
     batches in the same order (``batches(0)`` is read again for each pass).
+
+    ``only``: train pass ``only`` alone and return (the passes of a seed in separate
+    processes, side by side: each writes its own runs and its own commit record; the
+    combined ``trainer.json`` is written by the call that finds every pass complete).
 
     One pass is the plain fan-out (its commit record is ``trainer.json``).  With several, each
     pass commits to its own record (:func:`~metasae.checkpoint.pass_trainer_file`) and resumes
@@ -441,8 +446,12 @@ def train_in_passes(sae_cfg: SAEConfig, meta_cfg: MetaConfig, train_cfg: TrainCo
     computation reads only the batch and its own state, so its weights equal those of one pass
     with every run (tested bitwise)."""
     root, one = Path(ckpt_root), len(passes) == 1
+    if only is not None and not 0 <= only < len(passes):
+        raise ConfigError(f"training pass {only} does not exist: this seed trains in {len(passes)} pass(es)")
     fingerprints = []
     for i, runs in enumerate(passes):
+        if only is not None and i != only:
+            continue
         trainer = FanOutTrainer(sae_cfg, meta_cfg, train_cfg, runs, ckpt_root=root,
                                 trainer_file=TRAINER_FILE if one else pass_trainer_file(i),
                                 desc=desc if one else f"{desc}, pass {i + 1} of {len(passes)}", **kw)
@@ -452,7 +461,7 @@ def train_in_passes(sae_cfg: SAEConfig, meta_cfg: MetaConfig, train_cfg: TrainCo
         del trainer  # its states (weights, Adam moments) go before the next pass allocates its own
         if not one and torch.cuda.is_available():
             torch.cuda.empty_cache()
-    if one:
+    if one or only is not None:
         return
     if dist is None or dist.is_main:
         atomic_write_json(root / TRAINER_FILE, {

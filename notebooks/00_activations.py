@@ -1,5 +1,6 @@
 # ---
 # jupyter:
+#   metasae: after nothing
 #   jupytext:
 #     text_representation:
 #       extension: .py

@@ -1,6 +1,6 @@
 # ---
 # jupyter:
-#   metasae: per-seed
+#   metasae: per-seed; after 00_activations; prepare train_passes
 #   jupytext:
 #     text_representation:
 #       extension: .py

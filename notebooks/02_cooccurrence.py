@@ -1,6 +1,6 @@
 # ---
 # jupyter:
-#   metasae: per-seed
+#   metasae: per-seed; after 01_train
 #   jupytext:
 #     text_representation:
 #       extension: .py

@@ -1,6 +1,6 @@
 # ---
 # jupyter:
-#   metasae: per-seed
+#   metasae: per-seed; after 02_cooccurrence; prepare judge_validation after 00_activations
 #   jupytext:
 #     text_representation:
 #       extension: .py

@@ -1,5 +1,6 @@
 # ---
 # jupyter:
+#   metasae: after 02_cooccurrence
 #   jupytext:
 #     text_representation:
 #       extension: .py

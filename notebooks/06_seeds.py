@@ -1,5 +1,6 @@
 # ---
 # jupyter:
+#   metasae: after 02_cooccurrence, 03_autointerp
 #   jupytext:
 #     text_representation:
 #       extension: .py

@@ -1,5 +1,6 @@
 # ---
 # jupyter:
+#   metasae: after 00_activations
 #   jupytext:
 #     text_representation:
 #       extension: .py

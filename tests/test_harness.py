@@ -607,3 +607,116 @@ def test_kernel_that_dies_while_starting_is_started_again(monkeypatch: pytest.Mo
     pm = _FlakyPapermill(ValueError("a cell failed"))  # a failure after cells ran is never retried
     assert harness._papermill("a.ipynb", "b.ipynb", {}, "python3", pm) == "ValueError: a cell failed"
     assert pm.calls == 1
+
+
+# ---------------------------------------------------------------------------
+# --jobs: the task graph (after / prepare directives)
+# ---------------------------------------------------------------------------
+
+STAMPED_AFTER_SEED = PARAMS_PER_SEED + """
+# %%
+import json, time
+from pathlib import Path
+
+Path(out_dir, f"chained_{seed}.json").write_text(json.dumps(time.time()))
+"""
+
+STAMPED_FREE = PARAMS_AGGREGATE + """
+# %%
+import json, time
+from pathlib import Path
+
+Path(out_dir, "free.json").write_text(json.dumps(time.time()))
+"""
+
+
+def _with_header(body: str, directives: str) -> str:
+    return f"# ---\n# jupyter:\n#   metasae: {directives}\n# ---\n" + body.replace("# metasae: per-seed\n", "")
+
+
+def test_graph_runs_a_seed_on_while_another_still_trains(tiny: dict[str, Path]) -> None:
+    """A per-seed notebook `after` a per-seed one waits for the same seed only; a notebook `after
+    nothing` starts at once; a notebook without `after` waits for everything before it."""
+    nbs = tiny["notebooks"]
+    (nbs / "01_seeds.py").write_text(_with_header(
+        STAMPED_SEED.replace("FAIL_SEED", "-1").replace("time.sleep(SLEEP_S)", "time.sleep(8.0 if seed == 0 else 0.2)"),
+        "per-seed"))
+    (nbs / "02_chained.py").write_text(_with_header(STAMPED_AFTER_SEED, "per-seed; after 01_seeds"))
+    (nbs / "03_free.py").write_text(_with_header(STAMPED_FREE, "after nothing"))
+    (nbs / "04_after.py").write_text(STAMPED_AFTER)
+    proc = _harness_env(_args(tiny, "--seeds", "0,1", "--jobs", "3"))
+    assert proc.returncode == 0, proc.stderr
+    out = tiny["out"]
+    a, b = _stamps(out, [0, 1])
+    chained = {s: json.loads((out / f"chained_{s}.json").read_text()) for s in (0, 1)}
+    free, after = (json.loads((out / f"{n}.json").read_text()) for n in ("free", "after"))
+    assert chained[1] < a["end"], "seed 1 waited for seed 0 of the notebook before"
+    assert chained[0] >= a["end"] and chained[1] >= b["end"]
+    assert free < a["end"], "the notebook after nothing waited"
+    assert after >= max(a["end"], b["end"], *chained.values(), free)
+    data = json.loads((out / "results.json").read_text())
+    assert [(n["notebook"], n["seed"]) for n in data["notebooks"]] == [
+        ("01_seeds.py", 0), ("01_seeds.py", 1), ("02_chained.py", 0), ("02_chained.py", 1), ("03_free.py", None),
+        ("04_after.py", None)]
+    assert list(data["stages"]) == ["01_seeds", "02_chained", "03_free", "04_after"]
+    assert data["stages"]["01_seeds"]["concurrency"] >= 2
+
+
+def test_directives_are_parsed_and_checked(tmp_path: Path) -> None:
+    from metasae.harness import HarnessError, Prepare, discover
+
+    (tmp_path / "01_a.py").write_text(_with_header(PARAMS_PER_SEED, "per-seed; after nothing; prepare train_passes"))
+    (tmp_path / "02_b.py").write_text(_with_header(
+        PARAMS_PER_SEED, "per-seed ; after 01_a; prepare judge_validation after 01_a"))
+    (tmp_path / "03_c.py").write_text(PARAMS_AGGREGATE)
+    a, b, c = discover(tmp_path)
+    assert (a.per_seed, a.after, a.prepare) == (True, (), (Prepare("train_passes", None),))
+    assert (b.per_seed, b.after, b.prepare) == (True, ("01_a",), (Prepare("judge_validation", ("01_a",)),))
+    assert (c.per_seed, c.after, c.prepare) == (False, None, ())
+    for bad, needle in (("after 04_later", "names no earlier notebook"), ("after 03_c", "names no earlier notebook"),
+                        ("prepare nothing_known", "unknown preparation"), ("per seed", "unknown directive")):
+        (tmp_path / "03_c.py").write_text(_with_header(PARAMS_AGGREGATE, bad))
+        with pytest.raises(HarnessError, match=needle):
+            discover(tmp_path)
+
+
+def test_default_task_graph_chains_seeds_and_prepares_passes_and_validation() -> None:
+    """The real notebooks under the default profile: seed 0 trains in two passes (tasks of their
+    own), each seed's evaluation waits for its own training only, autointerp for its evaluation
+    and the judge validation, which waits for the harvest only; priorities are critical paths."""
+    from metasae.config import load_profile
+    from metasae.harness import NOTEBOOK_DIR, Plan, build_tasks, discover
+
+    prof = load_profile("default")
+    plan = Plan(prof, list(prof.seeds), Path("/nonexistent/out"), Path("/nonexistent/fig"), discover(NOTEBOOK_DIR),
+                False, jobs=2)
+    tasks = build_tasks(plan, history={})
+    key = {(t.notebook.name, t.seed, t.part): j for j, t in enumerate(tasks)}
+    dep = lambda j: {(tasks[d].notebook.name, tasks[d].seed, tasks[d].part) for d in tasks[j].deps}  # noqa: E731
+    passes = [k for k in key if k[2] and k[0] == "01_train"]
+    assert passes == [("01_train", 0, "train pass 1 of 2"), ("01_train", 0, "train pass 2 of 2")]
+    assert tasks[key[passes[1]]].kwargs == {"seed": 0, "index": 1} and tasks[key[passes[1]]].call == "train_pass"
+    assert dep(key[("01_train", 0, None)]) == {("00_activations", None, None), *passes}
+    assert dep(key[("01_train", 1, None)]) == {("00_activations", None, None)}
+    assert dep(key[("02_cooccurrence", 3, None)]) == {("01_train", 3, None)}
+    val = ("03_autointerp", None, "judge validation")
+    assert dep(key[val]) == {("00_activations", None, None)}
+    assert dep(key[("03_autointerp", 0, None)]) == {("02_cooccurrence", 0, None), val}
+    assert dep(key[("04_splitting", None, None)]) == {("02_cooccurrence", s, None) for s in prof.seeds}
+    assert dep(key[("07_synthetic", None, None)]) == {("00_activations", None, None)}
+    assert ("03_autointerp", 0, None) in {(tasks[d].notebook.name, tasks[d].seed, None)
+                                          for d in tasks[key[("08_browser", None, None)]].deps}
+    for j, t in enumerate(tasks):  # a task waits only for earlier ones; priority = est + longest chain after
+        assert all(d < j for d in t.deps)
+        after = [tasks[c].priority for c in range(len(tasks)) if j in tasks[c].deps]
+        assert t.priority == pytest.approx(t.est + max(after, default=0.0))
+    # with timings of an earlier run where seed 0 trained inside its notebook, each pass inherits its share
+    hist = {("01_train", 0, None): 1500.0, ("03_autointerp", 0, None): 900.0}
+    tasks = build_tasks(plan, history=hist)
+    shares = [tasks[key[p]].est for p in passes]
+    assert sum(shares) == pytest.approx(1500.0) and all(0 < e < 1500 for e in shares)
+    assert tasks[key[("03_autointerp", 0, None)]].est == 900.0
+    # --only: the notebooks outside the plan count as done
+    only = Plan(prof, [1], plan.out, plan.figures, [nb for nb in plan.notebooks if nb.name == "02_cooccurrence"],
+                True, jobs=2)
+    assert [(t.notebook.name, t.seed, t.deps) for t in build_tasks(only, history={})] == [("02_cooccurrence", 1, [])]

@@ -469,3 +469,36 @@ def test_runs_per_pass_cuts_the_run_list_and_the_memory_plan():
     passes = p.train_passes(0)
     assert [r.name for g in passes for r in g] == [r.name for r in runs] and [len(g) for g in passes] == [3, 4, 4, 4]
     assert p.train_memory_bytes(0) < one / 2
+
+
+def test_passes_trained_one_at_a_time_then_combined_equal_one_pass(tmp_path):
+    """``only``: each pass trained alone (as the harness does, side by side, here in reverse order)
+    writes its own runs and record but no trainer.json; the call over every pass then finds them
+    complete, trains nothing and writes trainer.json; every run equals one pass with every run."""
+    from metasae.checkpoint import pass_trainer_file, read_trainer
+    from metasae.trainer import train_in_passes
+
+    runs = RUNS + [RunSpec("ortho", "ortho", seed=1, ortho_coef=0.1)]
+    n_steps = 6
+    FanOutTrainer(SAE, META, TRAIN, runs, ckpt_root=tmp_path / "one", progress=False).train(_batches(n_steps), n_steps)
+    passes = [runs[:2], runs[2:]]
+    for i in (1, 0):
+        train_in_passes(SAE, META, TRAIN, passes, _batches(n_steps), n_steps, tmp_path / "two", progress=False, only=i)
+        assert read_trainer(tmp_path / "two", name=pass_trainer_file(i))["complete"]
+        assert read_trainer(tmp_path / "two") is None
+    files = sorted((p, p.stat().st_mtime_ns) for p in (tmp_path / "two").rglob("*")
+                   if p.is_file() and p.name != "trainer.json")
+
+    def no_batches(start: int):
+        raise AssertionError("a complete pass read batches")
+
+    train_in_passes(SAE, META, TRAIN, passes, no_batches, n_steps, tmp_path / "two", progress=False)
+    assert sorted((p, p.stat().st_mtime_ns) for p in (tmp_path / "two").rglob("*")
+                  if p.is_file() and p.name != "trainer.json") == files
+    assert read_trainer(tmp_path / "two")["runs"] == [r.name for r in runs]
+    for r in runs:
+        a, b = load_trained_run(tmp_path / "one", r.name), load_trained_run(tmp_path / "two", r.name)
+        for k, v in a.sae.state_dict().items():
+            assert torch.equal(v, b.sae.state_dict()[k]), (r.name, k)
+    with pytest.raises(ConfigError, match="training pass 2 does not exist"):
+        train_in_passes(SAE, META, TRAIN, passes, _batches(n_steps), n_steps, tmp_path / "two", progress=False, only=2)

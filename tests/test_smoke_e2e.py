@@ -58,3 +58,12 @@ def test_smoke_profile_end_to_end(tmp_path: Path) -> None:
         nb = json.loads(Path(n["executed"]).read_text())
         errors = [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
         assert not errors, f"{n['executed']} holds an error output: {errors[0].get('ename')}"
+
+    # run_all.sh's --jobs 2: seed 0's training passes and the judge validation set ran as tasks of
+    # their own (timed in their notebook's stage), and the notebooks found their work done
+    parts = {name: {e.get("part") for e in st["per_execution"]} for name, st in results["stages"].items()}
+    assert {"train pass 1 of 2", "train pass 2 of 2"} <= parts["01_train"]
+    assert "judge validation" in parts["03_autointerp"]
+    assert all(n.get("part") is None for n in results["notebooks"])
+    trainer = json.loads((out / "seed0" / "checkpoints" / "trainer.json").read_text())
+    assert trainer["complete"] and len(trainer["passes"]) == 2
