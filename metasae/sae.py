@@ -201,6 +201,15 @@ def _csr(crow: Tensor, cols: Tensor, values: Tensor, size: tuple[int, int]) -> T
         return torch.sparse_csr_tensor(crow, cols, values, size, check_invariants=False)
 
 
+def _reusable(buf: Tensor | None, like: Tensor) -> Tensor:
+    """``buf`` when it can hold a result shaped like ``like`` (same shape, dtype, device,
+    contiguous), else a new empty tensor: a gradient buffer kept from step to step."""
+    if buf is None or buf.shape != like.shape or buf.dtype != like.dtype or buf.device != like.device \
+            or not buf.is_contiguous():
+        return torch.empty_like(like, memory_format=torch.contiguous_format)
+    return buf
+
+
 def _bag_offsets(b_idx_sorted: Tensor, B: int) -> Tensor:
     """embedding_bag offsets (start of each token's entries) from token indices sorted ascending."""
     offsets = torch.zeros(B, dtype=torch.long, device=b_idx_sorted.device)
@@ -378,8 +387,12 @@ class BatchTopKSAE(nn.Module):
             crow = torch.zeros(n + 1, dtype=torch.long, device=x_n.device)
             torch.cumsum(torch.bincount(sel.f_idx, minlength=n), 0, out=crow[1:])
             cols = sel.b_idx[by_f]
-            grad_Wdec = _csr(crow, cols, vals[by_f], (n, B)) @ G
-            grad_WencT = _csr(crow, cols, g_vals[by_f], (n, B)) @ x_c
+            # written into buffers kept from the last step (beta = 0 ignores what they hold): a fresh
+            # n x d result costs a zero fill and a copy, each as long as the product itself
+            grad_Wdec = _reusable(self.W_dec_FD.grad, W_dec)
+            torch.addmm(grad_Wdec, _csr(crow, cols, vals[by_f], (n, B)), G, beta=0, out=grad_Wdec)
+            grad_WencT = self._scratch_FD = _reusable(getattr(self, "_scratch_FD", None), W_dec)
+            torch.addmm(grad_WencT, _csr(crow, cols, g_vals[by_f], (n, B)), x_c, beta=0, out=grad_WencT)
             col_F = torch.zeros(n, dtype=g_vals.dtype, device=g_vals.device).index_add_(0, sel.f_idx, g_vals)
             grad_b = G.sum(0).sub_(W_enc @ col_F)
             dead_F = self.since_fired_F >= self.cfg.dead_after_tokens
@@ -387,9 +400,7 @@ class BatchTopKSAE(nn.Module):
             aux = mse.new_zeros(())
             if n_dead > 0 and self.cfg.aux_k > 0 and self.cfg.aux_coef > 0:
                 aux = self._aux_step(pre, x_c, err, dead_F, grad_WencT, grad_Wdec, grad_b, B * D)
-            grad_Wenc = self.W_enc_DF.grad
-            if grad_Wenc is None or grad_Wenc.shape != W_enc.shape or not grad_Wenc.is_contiguous():
-                grad_Wenc = torch.empty_like(W_enc)
+            grad_Wenc = _reusable(self.W_enc_DF.grad, W_enc)
             grad_Wenc.copy_(grad_WencT.t())  # D x F, contiguous: the fused optimiser's fast path
             self.W_enc_DF.grad, self.W_dec_FD.grad, self.b_dec_D.grad = grad_Wenc, grad_Wdec, grad_b
             l0, min_kept = self._kept_stats(vals, sel, B, True, dead_F)
@@ -585,7 +596,8 @@ class BatchTopKSAE(nn.Module):
         if g is None:
             return
         W = self.W_dec_FD
-        g.sub_((g * W).sum(dim=1, keepdim=True) * W)
+        # g - <g, w> w row by row, without n x d temporaries (each costs as much as the update)
+        g.addcmul_(torch.linalg.vecdot(g, W, dim=1).unsqueeze(1), W, value=-1.0)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
@@ -633,14 +645,15 @@ def decomposability_penalty(W_dec_FD: Tensor, W_hat_FD: Tensor, sigma2: float) -
 
 @torch.no_grad()
 def decomposability_penalty_grad_(W_dec_FD: Tensor, W_hat_FD: Tensor, sigma2: float, weight: float) -> Tensor:
-    """:func:`decomposability_penalty`'s value, its gradient times `weight` added to ``W_dec_FD.grad``:
+    """:func:`decomposability_penalty`'s value, its gradient times `weight` added to ``W_dec_FD.grad``
+    (``W_hat_FD`` is overwritten: it holds W_dec - W_hat afterwards):
 
         d mean_i p_i / d W_dec[i] = -2 p_i (W_dec[i] - W_hat[i]) / (n sigma2)
     """
     if sigma2 <= 0:
         raise ValueError(f"sigma2 must be positive, not {sigma2}")
-    diff = W_dec_FD.detach() - W_hat_FD
-    p_F = torch.exp(-diff.square().sum(dim=1) / sigma2)
+    diff = W_hat_FD.neg_().add_(W_dec_FD.detach())  # W_dec - W_hat (exactly), in W_hat's storage
+    p_F = torch.exp(-torch.linalg.vecdot(diff, diff, dim=1) / sigma2)
     coef_F = p_F * (-2.0 * weight / (sigma2 * W_dec_FD.shape[0]))
     W_dec_FD.grad.addcmul_(diff, coef_F.unsqueeze(1))
     return p_F.mean()

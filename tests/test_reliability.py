@@ -464,6 +464,8 @@ def test_runs_per_pass_cuts_the_run_list_and_the_memory_plan():
 
     p = load_profile("default")
     runs = p.runs_for_seed(0)
+    assert [len(g) for g in p.train_passes(0)] == [7, 8] and [len(g) for g in p.train_passes(1)] == [4]
+    p.train.runs_per_pass = 0  # every run in one pass
     one = p.train_memory_bytes(0)
     p.train.runs_per_pass = 4
     passes = p.train_passes(0)
