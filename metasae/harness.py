@@ -10,14 +10,20 @@ order; a notebook whose jupytext header holds ``metasae: per-seed`` runs once pe
 seed (parameter ``seed``), the others once (parameter ``seeds``, e.g. "0,1,2").
 Every notebook also gets ``profile``, ``out_dir`` and ``figures_dir``.
 
-``--jobs N`` (default ``$METASAE_JOBS``, else 1) runs the seeds of one
-per-seed notebook in up to N concurrent processes (each its own papermill and
-kernel); the next notebook starts only when every seed of the previous one has
-finished, and a failing seed stops the others and fails the run as a failing
-notebook does.  Each concurrent process gets ``METASAE_THREADS`` (and
+``--jobs N`` (default ``$METASAE_JOBS``, else 1) runs every execution as a
+task of a graph, in up to N worker processes (each its own papermill and
+kernel): a notebook's header line ``metasae: ...; after A, B`` names the
+notebooks it reads from (without it, every earlier one), so a seed's
+evaluation starts as soon as that seed's training is done; ``prepare NAME``
+adds work of PREPARATIONS (a seed's training passes, the judge validation set)
+as tasks of their own that run beside other work before the notebook.  The
+ready task with the longest estimated chain after it starts first (estimates
+from the last run's timings).  A failing task stops the others and fails the
+run as a failing notebook does.  Each task gets ``METASAE_THREADS`` (and
 ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``) = max(1, CPUs // k), k the number of
-processes that actually run together (min(N, seeds)); with N = 1, or one seed,
-notebooks run one at a time in this process, with the environment untouched.
+tasks that can run beside it when it starts (at most N); with N = 1 the
+notebooks run one at a time in file order in this process, with the
+environment untouched.
 
 Timing: ``results.json`` holds ``stages`` (per notebook: the wall seconds from
 its first start to its last end, and the seconds of each execution) and

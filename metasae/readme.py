@@ -284,10 +284,17 @@ def render_block(summary: dict[str, Any], source: str) -> str:
     stages = _d(summary.get("stages"))
     for name, st in stages.items():
         st = _d(st)
-        n = len(st.get("per_execution") or [])
+        per = [e for e in st.get("per_execution") or [] if isinstance(e, dict)]
+        n, tasks = sum(1 for e in per if not e.get("part")), sum(1 for e in per if e.get("part"))
         conc = st.get("concurrency") or 1
-        how = f"{n} runs, {conc} side by side" if n > 1 and conc > 1 else (f"{n} runs" if n > 1 else "")
+        what = (f"{n} runs" if n > 1 else "") + (f"{' + ' if n > 1 else ''}{tasks} task{'s' if tasks > 1 else ''} "
+                                                 "of its own" if tasks else "")
+        how = f"{what}, {conc} side by side" if what and conc > 1 else what
         lines.append(f"| {name}{f' ({how})' if how else ''} | {_minutes(st.get('wall_s'))} |")
+    if any((_d(st).get("concurrency") or 1) > 1 for st in stages.values()):
+        lines += ["", "Each stage runs from its first start to its last end; with `--jobs 2` the stages overlap "
+                      "(a seed's evaluation starts when its own training is done), so their times do not add "
+                      "up to the total."]
 
     lines += ["", "Solo SAE per seed against the quality bars:", "",
               "| seed | " + " | ".join(b[1] for b in BARS) + " |",
@@ -371,8 +378,9 @@ def autointerp_cost(summary: dict[str, Any], a: dict[str, Any]) -> str:
     """One sentence: the autointerp notebook's time for the scored seed and where it went."""
     seed = a.get("seed")
     st = _d(_d(summary.get("stages")).get("03_autointerp"))
-    stage = next((_num(e.get("seconds")) for e in st.get("per_execution") or []
-                  if isinstance(e, dict) and e.get("seed") == seed), None)
+    per = [e for e in st.get("per_execution") or [] if isinstance(e, dict)]
+    stage = next((_num(e.get("seconds")) for e in per if e.get("seed") == seed and not e.get("part")), None)
+    prep = [(e["part"], _num(e.get("seconds"))) for e in per if e.get("part") and _num(e.get("seconds")) is not None]
     val, pairs = _d(a.get("validation_speed")), _d(a.get("pairs_speed"))
     parts = []
     if _num(val.get("seconds")) is not None:
@@ -383,9 +391,15 @@ def autointerp_cost(summary: dict[str, Any], a: dict[str, Any]) -> str:
                      f"({pairs.get('n_requests')} requests to the explainer and judge)")
     if stage is None and not parts:
         return ""
-    head = (f"Seed {seed}'s autointerp notebook took {stage:.0f} s ({stage / 60:.1f} min)" if stage is not None
-            else f"Seed {seed}'s autointerp")
-    return head + (": " + "; ".join(parts) if parts else "") + "."
+    if stage is not None and prep:
+        total = stage + sum(sec for _, sec in prep)
+        head = (f"Seed {seed}'s autointerp took {total:.0f} s ({total / 60:.1f} min): its notebook {stage:.0f} s and "
+                + ", ".join(f"the {part} {sec:.0f} s" for part, sec in prep) + " as a task of its own, beside other work")
+    elif stage is not None:
+        head = f"Seed {seed}'s autointerp notebook took {stage:.0f} s ({stage / 60:.1f} min)"
+    else:
+        head = f"Seed {seed}'s autointerp"
+    return head + (" (" + "; ".join(parts) + ")" if parts and prep else ": " + "; ".join(parts) if parts else "") + "."
 
 
 def _split(text: str) -> tuple[list[str], int | None, int | None]:

@@ -243,6 +243,12 @@ def test_autointerp_block_and_verdicts() -> None:
     block = readme.render_block({**SUMMARY, "stages": stages, "autointerp": AUTOINTERP}, "results/default/summary.json")
     assert ("Seed 0's autointerp notebook took 840 s (14.0 min): the judge validation set 300 s (once per run); "
             "the 10 pairs") in block
+    # the validation set as a task of its own (--jobs 2): its seconds join the notebook's
+    stages["03_autointerp"]["per_execution"].insert(0, {"seed": None, "part": "judge validation", "seconds": 310.0})
+    block = readme.render_block({**SUMMARY, "stages": stages, "autointerp": AUTOINTERP}, "results/default/summary.json")
+    assert ("Seed 0's autointerp took 1150 s (19.2 min): its notebook 840 s and the judge validation 310 s as a task "
+            "of its own, beside other work (the judge validation set 300 s (once per run); the 10 pairs") in block
+    assert "| 03_autointerp (2 runs + 1 task of its own) |" in block
     # several scores: significance after Holm's correction; nothing beats random on real latents: said
     many = {**AUTOINTERP, "vs_random": {"fuzz": {"diff": -0.01, "ci_low": -0.1, "ci_high": 0.08, "n": 10}},
             "joint_vs_solo": {"fuzz": {"delta": 0.1, "p": 0.026, "n_pairs": 10, "mde": 0.1},
