@@ -291,10 +291,17 @@ def render_block(summary: dict[str, Any], source: str) -> str:
                                                  "of its own" if tasks else "")
         how = f"{what}, {conc} side by side" if what and conc > 1 else what
         lines.append(f"| {name}{f' ({how})' if how else ''} | {_minutes(st.get('wall_s'))} |")
-    if any((_d(st).get("concurrency") or 1) > 1 for st in stages.values()):
-        lines += ["", "Each stage runs from its first start to its last end; with `--jobs 2` the stages overlap "
-                      "(a seed's evaluation starts when its own training is done), so their times do not add "
-                      "up to the total."]
+    procs = max([_d(st).get("concurrency") or 1 for st in stages.values()] or [1])
+    if procs > 1:
+        busy = sum(_num(e.get("seconds")) or 0.0 for st in stages.values()
+                   for e in _d(st).get("per_execution") or [] if isinstance(e, dict))
+        span = (_num(summary.get("wall_s_total")) or 0.0) - (_num(summary.get("setup_s")) or 0.0)
+        lines += ["", f"Each stage runs from its first start to its last end; with `--jobs {procs}` the stages "
+                      "overlap (a seed's evaluation starts when its own training is done), so their times do not "
+                      "add up to the total."]
+        if span > 0:
+            lines[-1] += (f"  The executions took {busy / 60:.1f} min together: {100 * busy / (procs * span):.0f}% "
+                          f"of the {procs} processes' {span / 60:.1f} min after the setup.")
 
     lines += ["", "Solo SAE per seed against the quality bars:", "",
               "| seed | " + " | ".join(b[1] for b in BARS) + " |",
@@ -351,10 +358,15 @@ def render_block(summary: dict[str, Any], source: str) -> str:
                          "fixed in the profile).")
     a = _d(summary.get("autointerp"))
     if a:
-        sp = _d(a.get("validation_speed"))
-        speed = (f"; on the validation set it answered {sp.get('n_requests')} requests in "
-                 f"{_fmt(sp.get('seconds'), '.0f')} s ({_fmt(sp.get('requests_per_s'), '.2f')} per second)"
-                 if _num(sp.get("requests_per_s")) is not None else "")
+        sp, pp = _d(a.get("validation_speed")), _d(a.get("pairs_speed"))
+        if _num(sp.get("requests_per_s")) is not None:
+            speed = (f"; on the validation set it answered {sp.get('n_requests')} requests in "
+                     f"{_fmt(sp.get('seconds'), '.0f')} s ({_fmt(sp.get('requests_per_s'), '.2f')} per second)")
+        elif (_num(pp.get("n_requests")) or 0) > 0 and (_num(pp.get("seconds")) or 0) > 0:
+            speed = (f"; on the pairs it answered {pp['n_requests']} requests, explanations included, in "
+                     f"{_fmt(pp['seconds'], '.0f')} s ({pp['n_requests'] / pp['seconds']:.2f} per second)")
+        else:
+            speed = ""
         lines += ["", f"Autointerp (seed {a.get('seed')}, judge `{a.get('judge')}` via {a.get('backend')}{speed}):", "",
                   "| score | validation AUC, correct vs random (95% CI) | vs wrong | solo: real − random (95% CI) |",
                   "|---|---|---|---|"]
@@ -383,7 +395,7 @@ def autointerp_cost(summary: dict[str, Any], a: dict[str, Any]) -> str:
     prep = [(e["part"], _num(e.get("seconds"))) for e in per if e.get("part") and _num(e.get("seconds")) is not None]
     val, pairs = _d(a.get("validation_speed")), _d(a.get("pairs_speed"))
     parts = []
-    if _num(val.get("seconds")) is not None:
+    if _num(val.get("seconds")) is not None and val.get("n_requests"):
         parts.append(f"the judge validation set {_fmt(val.get('seconds'), '.0f')} s (once per run)")
     if _num(pairs.get("seconds")) is not None:
         parts.append(f"the {a.get('n_pairs_scored')} pairs with every scorer and {a.get('n_pairs_embedding_only') or 0} "

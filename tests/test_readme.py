@@ -249,6 +249,16 @@ def test_autointerp_block_and_verdicts() -> None:
     assert ("Seed 0's autointerp took 1150 s (19.2 min): its notebook 840 s and the judge validation 310 s as a task "
             "of its own, beside other work (the judge validation set 300 s (once per run); the 10 pairs") in block
     assert "| 03_autointerp (2 runs + 1 task of its own) |" in block
+    # the validation set answered from the run's cache (no request sent): the pairs give the judge's speed
+    cached = {**AUTOINTERP, "validation_speed": {"seconds": 0.01, "n_requests": 0, "requests_per_s": None}}
+    block = readme.render_block({**SUMMARY, "stages": stages, "autointerp": cached}, "results/default/summary.json")
+    assert "on the pairs it answered 1900 requests, explanations included, in 500 s (3.80 per second)" in block
+    assert "the judge validation set 0 s" not in block
+    two = {"03_autointerp": {**stages["03_autointerp"], "concurrency": 2}}
+    block = readme.render_block({**SUMMARY, "stages": two, "wall_s_total": 1000.0, "setup_s": 100.0,
+                                 "autointerp": AUTOINTERP}, "results/default/summary.json")
+    assert "with `--jobs 2` the stages overlap" in block
+    assert "The executions took 19.2 min together: 64% of the 2 processes' 15.0 min after the setup." in block
     # several scores: significance after Holm's correction; nothing beats random on real latents: said
     many = {**AUTOINTERP, "vs_random": {"fuzz": {"diff": -0.01, "ci_low": -0.1, "ci_high": 0.08, "n": 10}},
             "joint_vs_solo": {"fuzz": {"delta": 0.1, "p": 0.026, "n_pairs": 10, "mde": 0.1},

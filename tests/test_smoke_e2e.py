@@ -67,3 +67,6 @@ def test_smoke_profile_end_to_end(tmp_path: Path) -> None:
     assert all(n.get("part") is None for n in results["notebooks"])
     trainer = json.loads((out / "seed0" / "checkpoints" / "trainer.json").read_text())
     assert trainer["complete"] and len(trainer["passes"]) == 2
+    # the notebook found the validation set scored by its task: the speed of the task's requests is kept
+    val = json.loads((out / "autointerp" / "validation_summary.json").read_text())
+    assert val["speed"]["n_requests"] > 0 and val["speed"]["requests_per_s"] > 0
