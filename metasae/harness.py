@@ -613,9 +613,13 @@ def _execute(plan: Plan, nb: Notebook, seed: int | None, src: Path, nb_out: Path
 # ---------------------------------------------------------------------------
 
 
-def _prepare_train_passes(profile: Profile, seeds: list[int]) -> list[tuple[int | None, str, str, dict, float]]:
+PreparedTask = tuple[int | None, str, str, dict, float]
+"""(seed or None, label, pipeline function, its keyword arguments, share of the notebook's time)."""
+
+
+def _prepare_train_passes(profile: Profile, seeds: list[int]) -> list[PreparedTask]:
     """A task per training pass of every seed trained in several (``train.runs_per_pass``)."""
-    out: list[tuple[int | None, str, str, dict, float]] = []
+    out: list[PreparedTask] = []
     for s in seeds:
         passes = profile.train_passes(s)
         if len(passes) > 1:
@@ -625,7 +629,7 @@ def _prepare_train_passes(profile: Profile, seeds: list[int]) -> list[tuple[int 
     return out
 
 
-def _prepare_judge_validation(profile: Profile, seeds: list[int]) -> list[tuple[int | None, str, str, dict, float]]:
+def _prepare_judge_validation(profile: Profile, seeds: list[int]) -> list[PreparedTask]:
     """The judge validation set, when notebook 03 would score it (once per run, on the first seed)."""
     cfg = profile.autointerp
     if cfg.validation and seeds and (cfg.seed_only < 0 or cfg.seed_only == seeds[0]) \
@@ -636,8 +640,7 @@ def _prepare_judge_validation(profile: Profile, seeds: list[int]) -> list[tuple[
 
 PREPARATIONS = {"train_passes": _prepare_train_passes, "judge_validation": _prepare_judge_validation}
 """Preparations a notebook may declare (``prepare NAME``): name -> function(profile, seeds)
-returning (seed or None, label, pipeline function, its keyword arguments, share of the
-notebook's time it takes over).  Each becomes a task that calls ``metasae.pipeline.<function>(ctx,
+returning a list of PreparedTask.  Each becomes a task that calls ``metasae.pipeline.<function>(ctx,
 **kwargs)`` in its own process; the notebook (that seed's, or every seed's for None) waits for it
 and finds its work done.  The pipeline functions are idempotent: the notebook run alone (one job,
 or papermill by hand) does the same work itself."""

@@ -411,7 +411,10 @@ def autointerp_cost(summary: dict[str, Any], a: dict[str, Any]) -> str:
         head = f"Seed {seed}'s autointerp notebook took {stage:.0f} s ({stage / 60:.1f} min)"
     else:
         head = f"Seed {seed}'s autointerp"
-    return head + (" (" + "; ".join(parts) + ")" if parts and prep else ": " + "; ".join(parts) if parts else "") + "."
+    if not parts:
+        return head + "."
+    where = "; ".join(parts)
+    return head + (f" ({where})." if prep else f": {where}.")
 
 
 def _split(text: str) -> tuple[list[str], int | None, int | None]:

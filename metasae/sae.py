@@ -596,7 +596,7 @@ class BatchTopKSAE(nn.Module):
         if g is None:
             return
         W = self.W_dec_FD
-        # g - <g, w> w row by row, without n x d temporaries (each costs as much as the update)
+        # g - <g, w> w row by row, with one n x d temporary (inside vecdot) instead of two
         g.addcmul_(torch.linalg.vecdot(g, W, dim=1).unsqueeze(1), W, value=-1.0)
 
     @torch.no_grad()
@@ -652,7 +652,7 @@ def decomposability_penalty_grad_(W_dec_FD: Tensor, W_hat_FD: Tensor, sigma2: fl
     """
     if sigma2 <= 0:
         raise ValueError(f"sigma2 must be positive, not {sigma2}")
-    diff = W_hat_FD.neg_().add_(W_dec_FD.detach())  # W_dec - W_hat (exactly), in W_hat's storage
+    diff = W_hat_FD.neg_().add_(W_dec_FD.detach())  # W_dec - W_hat (exactly), in W_hat's storage, no new n x d
     p_F = torch.exp(-torch.linalg.vecdot(diff, diff, dim=1) / sigma2)
     coef_F = p_F * (-2.0 * weight / (sigma2 * W_dec_FD.shape[0]))
     W_dec_FD.grad.addcmul_(diff, coef_F.unsqueeze(1))
