@@ -11,7 +11,11 @@ What is compared (SAE-tokens/s = SAEs x tokens / wall second, every SAE of a def
 * ``baseline, 2 processes x 1 thread`` and ``new, 1 process x 2 threads``: each change alone;
 * ``new, 2 processes x 1 thread``: how ``bash run_all.sh`` trains now (``--jobs 2``): one
   process trains seed 0's 15 SAEs while the other trains the 16 SAEs of seeds 1-4
-  (solo, replicated joint, lambda2 = 0 control, independent solo each), one torch thread each.
+  (solo, replicated joint, lambda2 = 0 control, independent solo each), one torch thread each,
+  as ``FanOutTrainer.train`` runs them: the allocator set to keep freed memory
+  (``metasae.allocator``) and each lambda2 = 0 control on its solo's primary (trained once);
+* ``new, 2 processes x 1 thread, the control's primary trained too``: the same without that
+  sharing (``speedup_vs_loop_control_primary_trained``), every SAE's primary stepped.
 
 All variants train the same math (tests/test_core.py checks the gradients) on the same
 batches, from the same state: the new trainer first trains every SAE for ``--warmup`` steps
@@ -22,9 +26,10 @@ counters are saved (safetensors) and every variant loads them; then 3 untimed an
 default profile's cached activations when ``--cache`` holds them, else a synthetic stream.
 
 FLOPs.  Necessary FLOPs per primary step and SAE: 2*B*d*n (the dense encoder GEMM; the encoder
-weight gradient is sparse, k of n per token, and so is the decoder).  A joint SAE also needs the
-meta forward on the n decoder rows at every primary step, and n_m/n_p meta steps: (1 + n_m/n_p)
-* 2*n*d*m; an orthogonality SAE the n x n decoder Gram matrix, 2*n^2*d.  ``frac_bf16_peak``
+weight gradient is sparse, k of n per token, and so is the decoder); none for a primary that
+another run's is (the control's).  A joint SAE also needs n_m/n_p meta steps, 2*n*d*m each
+(counted as one forward), and with lambda2 > 0 the meta forward on the n decoder rows at every
+primary step, 2*n*d*m; an orthogonality SAE the n x n decoder Gram matrix, 2*n^2*d.  ``frac_bf16_peak``
 divides the necessary FLOP/s of the ``new, 2 processes`` variant by the bf16 GEMM peak of the
 machine measured in this run (two concurrent 1-thread processes, the same layout).
 
@@ -132,6 +137,12 @@ def worker(args) -> None:
     train_cfg = TrainConfig(batch_size=shape["B"], checkpoint_every_steps=10 ** 9, eval_every_steps=10 ** 9)
     tr = trainer_mod.FanOutTrainer(sae_cfg, meta_cfg, train_cfg, runs, progress=False)
     states = [tr._fresh_state(r) for r in runs]
+    if args.impl == "new":  # as FanOutTrainer.train runs: the allocator kept, the control on the solo's primary
+        from metasae.allocator import keep_freed_memory
+
+        keep_freed_memory()
+        if not args.no_share:
+            states = tr._link_shared(states)
     n_p, n_m = shape["n_p"], shape["n_m"]
     state_file = Path(args.state_dir) / f"{args.runs}.safetensors" if args.state_dir else None
     from safetensors.torch import load_file, save_file
@@ -159,7 +170,8 @@ def worker(args) -> None:
         x = data[step].float()
         x_norm = states[0].primary.standardize(x)
         for st in states:
-            tr._primary_step(st, x, x_norm, step, False)
+            if getattr(st, "owner", None) is None:
+                tr._primary_step(st, x, x_norm, step, False)
             if st.meta is not None and (step + 1) % n_p == 0:
                 for j in range(n_m):
                     tr._meta_step(st, step, j)
@@ -308,6 +320,7 @@ def main() -> None:
     ap.add_argument("--legacy-dir", default="", help=argparse.SUPPRESS)
     ap.add_argument("--state-dir", default="", help=argparse.SUPPRESS)
     ap.add_argument("--save-state", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--no-share", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return worker(args)
@@ -327,6 +340,7 @@ def main() -> None:
         base_1p = spawn(common + ["--impl", "baseline", "--threads", "2"], 1, ["seed0"])
         new_2p = spawn(common + ["--impl", "new", "--threads", "1"], 2, ["seed0", "rest"])
         new_1p = spawn(common + ["--impl", "new", "--threads", "2"], 1, ["seed0"])
+        new_2p_own = spawn(common + ["--impl", "new", "--threads", "1", "--no-share"], 2, ["seed0", "rest"])
         base_2p = spawn(common + ["--impl", "baseline", "--threads", "1"], 2, ["seed0", "rest"])
     comp = components(shape, args.cache)
     load1 = os.getloadavg()
@@ -339,15 +353,25 @@ def main() -> None:
         "baseline, 2 processes x 1 thread (31 SAEs)": total(base_2p),
         "new, 1 process x 2 threads (seed 0's 15 SAEs)": total(new_1p),
         "new, 2 processes x 1 thread (31 SAEs; run_all.sh)": total(new_2p),
+        "new, 2 processes x 1 thread (31 SAEs, the control's primary trained too)": total(new_2p_own),
     }
     B, d, n, m = shape["B"], shape["d"], shape["n"], shape["m"]
     from metasae.config import load_profile
 
     prof = load_profile("default")
+    from metasae.config import primary_owner
+
     runs_all = [r for s in prof.seeds for r in prof.runs_for_seed(s)]
-    flops = {"solo": 2 * B * d * n, "joint": 2 * B * d * n + (1 + shape["n_m"] / shape["n_p"]) * 2 * n * d * m,
-             "ortho": 2 * B * d * n + 2 * n * n * d}
-    per_step = sum(flops[r.kind] for r in runs_all)  # one step of every SAE of the default run
+    meta_steps = shape["n_m"] / shape["n_p"] * 2 * n * d * m  # the meta SAE's steps, per primary step
+
+    def flops(r, runs) -> float:  # necessary FLOPs of one primary step of run r
+        own = 0 if primary_owner(r, runs) is not None else 2 * B * d * n  # a shared primary: none of its own
+        if r.kind == "joint":
+            return own + meta_steps + (2 * n * d * m if r.lambda2 > 0 else 0)  # the penalty's meta forward
+        return own + (2 * n * n * d if r.kind == "ortho" else 0)
+
+    # one step of every SAE of the default run
+    per_step = sum(flops(r, prof.runs_for_seed(s)) for s in prof.seeds for r in prof.runs_for_seed(s))
     t_step = max(r["seconds"] for r in new_2p) / args.steps
     necessary_gflops = per_step / t_step / 1e9
     result = {
@@ -370,7 +394,11 @@ def main() -> None:
         "dead_frac_mean_baseline": base_1p[0]["dead_frac_mean"],
         "components_s": comp,
         "loadavg": {"start": load0, "end": load1},
-        "workers": {"baseline_1p": base_1p, "baseline_2p": base_2p, "new_1p": new_1p, "new_2p": new_2p},
+        "speedup_vs_loop_control_primary_trained": variants[
+            "new, 2 processes x 1 thread (31 SAEs, the control's primary trained too)"]
+        / variants["baseline, 1 process x 2 threads (seed 0's 15 SAEs)"],
+        "workers": {"baseline_1p": base_1p, "baseline_2p": base_2p, "new_1p": new_1p, "new_2p": new_2p,
+                    "new_2p_control_primary_trained": new_2p_own},
     }
     print(json.dumps(result, indent=2))
     lines = ["| variant | SAE-tokens/s |", "|---|---:|"]

@@ -144,6 +144,25 @@ class RunSpec:
         _nonneg_float(self.ortho_coef, f"{where}.ortho_coef")
 
 
+def primary_owner(run: RunSpec, runs: list[RunSpec]) -> RunSpec | None:
+    """The run whose primary SAE `run` shares, or None.
+
+    A joint run with lambda2 = 0 (the control) never feeds the penalty into its primary, so its
+    primary is trained exactly as the solo run of the same seed (same initialisation, same
+    batches, same loss): bitwise the same weights.  The fan-out trainer therefore trains that
+    primary once and the control adds only its meta SAE, trained on the shared rows
+    (:class:`~metasae.trainer.FanOutTrainer`).  The owner is the first solo run of the same seed
+    listed before `run`."""
+    if run.kind != "joint" or run.lambda2 != 0:
+        return None
+    for r in runs:
+        if r is run or r.name == run.name:
+            return None
+        if r.kind == "solo" and r.seed == run.seed:
+            return r
+    return None
+
+
 @dataclass
 class ModelSpecConfig:
     name: str = "smollm2-135m"
@@ -571,12 +590,24 @@ class Profile:
 
     def train_passes(self, seed: int) -> list[list[RunSpec]]:
         """The run list of `seed` cut, in order, into as few passes as ``train.runs_per_pass`` allows,
-        of sizes that differ by at most one (9 runs at 4 a pass: 3, 3, 3)."""
+        of sizes that differ by at most one (9 runs at 4 a pass: 3, 3, 3).  A run that shares its
+        primary with another (:func:`primary_owner`: the lambda2 = 0 control) goes into its
+        owner's pass, right after it, and is not counted: it adds a meta SAE, not a primary."""
         runs = self.runs_for_seed(seed)
-        size = self.train.runs_per_pass or len(runs)
-        n = -(-len(runs) // size)
-        cuts = [len(runs) * i // n for i in range(n + 1)]
-        return [runs[a:b] for a, b in zip(cuts, cuts[1:])]
+        shared = {r.name: o.name for r in runs if (o := primary_owner(r, runs)) is not None}
+        own = [r for r in runs if r.name not in shared]
+        size = self.train.runs_per_pass or len(own)
+        n = -(-len(own) // size)
+        cuts = [len(own) * i // n for i in range(n + 1)]
+        passes = [own[a:b] for a, b in zip(cuts, cuts[1:])]
+        for r in runs:
+            if r.name in shared:
+                group = next(g for g in passes if any(o.name == shared[r.name] for o in g))
+                at = next(i for i, o in enumerate(group) if o.name == shared[r.name])
+                while at + 1 < len(group) and group[at + 1].name in shared:
+                    at += 1
+                group.insert(at + 1, r)
+        return passes
 
     def train_memory_bytes(self, seed: int | None = None) -> int:
         """Estimated peak memory of one pass of a seed's fan-out trainer (the largest when None).
@@ -593,7 +624,8 @@ class Profile:
             for group in self.train_passes(s):
                 total = 0
                 for r in group:
-                    total += 4 * (2 * n * d + d) * 4
+                    if primary_owner(r, group) is None:  # a shared primary is held once
+                        total += 4 * (2 * n * d + d) * 4
                     if r.kind == "joint":
                         m = r.meta_latents or self.meta.n_latents
                         total += 4 * (2 * m * d + d) * 4 + n * d * 4 * 3

@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,11 @@ class RunContext:
 
 def open_run(profile: str, out_dir: str | Path = "", figures_dir: str | Path = "",
              seeds: str | list[int] | None = None) -> RunContext:
-    """Load and validate the profile, create the folders, write the resolved config next to the outputs."""
+    """Load and validate the profile, create the folders, write the resolved config next to the outputs.
+    Sets this process's allocator to keep freed memory (:mod:`metasae.allocator`)."""
+    from metasae.allocator import keep_freed_memory
+
+    keep_freed_memory()
     seed_list = parse_seeds(seeds) if isinstance(seeds, str) and seeds else (list(seeds) if seeds else None)
     prof = load_profile(profile, seeds=seed_list)
     out = paths.output_root(prof.name, out_dir or None)
@@ -300,6 +305,7 @@ def evaluate_seed(ctx: RunContext, seed: int, progress: bool = True) -> dict[str
     """
     from metasae.metrics.cooccurrence import PhiSummary, phi_summary
     from metasae.metrics.recon import ce_summary
+    from metasae.metrics.thresholds import THRESHOLDS_FILE
 
     mdir = metrics_dir(ctx, seed)
     summary_path = mdir / "eval.json"
@@ -309,15 +315,18 @@ def evaluate_seed(ctx: RunContext, seed: int, progress: bool = True) -> dict[str
         if sorted(ev) == sorted(trained):
             return ev
     cache = ensure_activations(ctx, progress=False)
-    B = ctx.profile.train.batch_size
     names = list(trained)
-    thr = thresholds_for_many(ctx, seed, trained, cache, progress)
+    # a control whose primary is its solo's, bitwise (trained once: config.primary_owner), gets the
+    # solo's thresholds, reconstruction, firing statistics, |phi| and CE, without computing them again
+    same = shared_primaries(trained)
+    own = {nm: trained[nm] for nm in names if nm not in same}
+    thr = thresholds_for_many(ctx, seed, own, cache, progress)
     ev: dict[str, dict[str, Any]] = {}
     # one encoder pass per SAE over the phi split, in batches of the training size: reconstruction
     # (EER rule and BatchTopK rule), firing statistics and the exact co-firing counts together;
     # the SAEs whose counts fit in memory at once share one pass over the split (one harvest
     # when it is streamed)
-    for nm, rec, counts in phi_pass(ctx, cache, {nm: (trained[nm].sae, thr[nm]) for nm in names}, progress):
+    for nm, rec, counts in phi_pass(ctx, cache, {nm: (trained[nm].sae, thr[nm]) for nm in own}, progress):
         run = trained[nm].sae
         rates = rec.pop("firing_rates")
         rec.pop("firing_counts")
@@ -334,6 +343,15 @@ def evaluate_seed(ctx: RunContext, seed: int, progress: bool = True) -> dict[str
                     "n_never_fired": s.n_never_fired, "n_always_fired": s.n_always_fired,
                     "var_abs_phi": s.var_abs_phi, "mean_phi": s.mean_phi})
         ev[nm] = rec
+    for nm, owner in same.items():
+        for f in (THRESHOLDS_FILE, "firing_rates.json", "phi_summary.json"):
+            (mdir / nm).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(mdir / owner / f, mdir / nm / f)
+        ev[nm] = {**ev[owner], "run": dataclasses.asdict(trained[nm].spec), "primary_of": owner}
+        ev[nm].pop("meta_explained_variance", None)
+        ev[nm].pop("meta_mean_sq_distance", None)
+        if trained[nm].meta is not None:
+            ev[nm].update(meta_fit(trained[nm].meta, trained[nm].sae))
     ev = {nm: ev[nm] for nm in names}
     # CE with the SAE spliced in
     if ctx.profile.data.ce_tokens > 0:
@@ -341,7 +359,8 @@ def evaluate_seed(ctx: RunContext, seed: int, progress: bool = True) -> dict[str
 
         lm = loaded_model(ctx)
         tokens, mask = _ce_rows(ctx, cache)
-        ce_names = [nm for nm in names if trained[nm].spec.tags.get("role") in ("solo", "grid", "control")]
+        roles = ("solo", "grid", "control")
+        ce_names = [nm for nm in own if trained[nm].spec.tags.get("role") in roles]
         cut = cache.massive_norm(ctx.profile.data.massive_norm_ratio)
         fns = {nm: splice_fn(trained[nm].sae, cut) for nm in ce_names}
         if math.isfinite(cut):  # the same SAEs with every token spliced, massive activations included
@@ -359,8 +378,32 @@ def evaluate_seed(ctx: RunContext, seed: int, progress: bool = True) -> dict[str
                                     "delta_ce_pct_all_tokens": summ["delta_ce_pct"]})
             else:
                 ev[nm].update({"ce": raw, **ce_summary(raw), "ce_massive_passthrough": math.isfinite(cut)})
+        for nm, owner in same.items():  # the owner's splice is this SAE's
+            if trained[nm].spec.tags.get("role") in roles and "ce" in ev[owner]:
+                raw = ev[owner]["ce"]
+                ev[nm].update({"ce": raw, **ce_summary(raw), "ce_massive_passthrough": math.isfinite(cut)})
+                if "ce_all_tokens" in ev[owner]:  # every token spliced, as the owner's
+                    ev[nm].update({k: ev[owner][k] for k in ("ce_all_tokens", "ce_loss_score_all_tokens",
+                                                              "delta_ce_pct_all_tokens")})
     atomic_write_json(summary_path, ev)
     return ev
+
+
+def shared_primaries(trained: dict[str, TrainedRun]) -> dict[str, str]:
+    """name -> owner for the runs whose primary is another run's (:func:`~metasae.config.primary_owner`)
+    and whose saved weights, buffers included, equal the owner's bitwise (checked, not assumed)."""
+    from metasae.config import primary_owner
+
+    specs = [t.spec for t in trained.values()]
+    out = {}
+    for nm, t in trained.items():
+        owner = primary_owner(t.spec, specs)
+        if owner is None or owner.name not in trained:
+            continue
+        a, b = t.sae.state_dict(), trained[owner.name].sae.state_dict()
+        if a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a):
+            out[nm] = owner.name
+    return out
 
 
 def phi_pass(ctx: RunContext, cache, models: dict[str, tuple], progress: bool = True):

@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from metasae.config import Profile, _registry_spec
+from metasae.config import Profile, RunSpec, _registry_spec, primary_owner
 
 GiB = 2 ** 30
 HARVEST_EFFICIENCY = 0.8
@@ -235,7 +235,13 @@ def estimate(profile: Profile, jobs: int = 1, calib: Calibration | None = None, 
     streamed = "train" in profile.data.stream_splits
     if calib is not None:
         per_step_harvest = (_harvest_seconds(calib, params_run, B) or 0.0) if streamed else 0.0
-        per_seed = [(sum(calib.step_s.get(r.kind, calib.step_s["solo"]) for r in profile.runs_for_seed(s))
+        def step_s(r: RunSpec, runs: list[RunSpec]) -> float:
+            t = calib.step_s.get(r.kind, calib.step_s["solo"])
+            if primary_owner(r, runs) is not None:  # the control on its solo's primary: its meta SAE only
+                t = max(t - calib.step_s["solo"], 0.0)
+            return t
+
+        per_seed = [(sum(step_s(r, profile.runs_for_seed(s)) for r in profile.runs_for_seed(s))
                      + per_step_harvest * len(profile.train_passes(s))) * steps for s in profile.seeds]
         train_s = _parallel_time(per_seed, parallel)
     # the mixing buffer (cache dtype), its shuffled copy and a refill

@@ -13,6 +13,11 @@ synthetic generator, or from random tensors in a test — and trains every
   the whole detached W_dec (SPEC section 1);
 * ``ortho``: an OrtSAE-style decoder-cosine penalty, no meta SAE.
 
+A joint run with lambda2 = 0 (the control) trains its primary exactly as the solo run of
+the same seed does, so it shares the solo's primary (one set of primary steps; its meta SAE
+trains on the shared rows, on the same schedule; its history and checkpoints are those an
+independent control would have, bitwise: tested).
+
 Resumable: every ``checkpoint_every_steps`` primary steps each run writes a
 step folder and then ``trainer.json`` is replaced atomically; rerunning the
 same call after a kill continues from the last commit and ends with weights
@@ -36,6 +41,7 @@ from typing import Any, Callable, Iterator
 import torch
 from tqdm.auto import tqdm
 
+from metasae.allocator import keep_freed_memory
 from metasae.checkpoint import (
     SAELENS_DIR,
     SAELENS_META_DIR,
@@ -52,7 +58,7 @@ from metasae.checkpoint import (
     step_dirname,
     write_run_step,
 )
-from metasae.config import ConfigError, MetaConfig, RunSpec, SAEConfig, TrainConfig
+from metasae.config import ConfigError, MetaConfig, RunSpec, SAEConfig, TrainConfig, primary_owner
 from metasae.io import atomic_write_json
 from metasae.sae import (BatchTopKSAE, decomposability_penalty, decomposability_penalty_grad_, meta_reconstruction,
                          orthogonality_penalty_grad_)
@@ -87,6 +93,9 @@ class RunState:
     first_nonfinite: torch.Tensor | None = None
     """(primary step, meta step j or -1) of the first non-finite loss, (-1, -1) while none: kept
     on the device and read only at the checks (:meth:`FanOutTrainer._check_finite`)."""
+    owner: "RunState | None" = None
+    """The run whose primary (and its optimiser) this run shares (:func:`~metasae.config.primary_owner`:
+    the lambda2 = 0 control shares the solo's); None: its own, stepped by the trainer."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -193,6 +202,17 @@ class FanOutTrainer:
             st.history = raw["history"]
             st.last_meta_mse = float(raw["cfg"].get("last_meta_mse", float("nan")))
             states.append(st)
+        return self._link_shared(states)
+
+    def _link_shared(self, states: list[RunState]) -> list[RunState]:
+        """Point every run that shares a primary (:func:`~metasae.config.primary_owner`) at its
+        owner's primary and optimiser (a resumed control's own saved copy equals them)."""
+        by_name = {st.spec.name: st for st in states}
+        for st in states:
+            owner = primary_owner(st.spec, self.runs)
+            if owner is not None:
+                st.owner = by_name[owner.name]
+                st.primary, st.opt = st.owner.primary, st.owner.opt
         return states
 
     def _commit(self, states: list[RunState], step: int, n_steps: int, complete: bool) -> None:
@@ -251,6 +271,7 @@ class FanOutTrainer:
         threads = torch_threads(self.train_cfg.threads)
         if threads:
             torch.set_num_threads(threads)
+        keep_freed_memory()  # no page faults for the tensors every step allocates again (metasae.allocator)
         start = 0
         states: list[RunState] | None = None
         if self.ckpt_root is not None:
@@ -265,7 +286,7 @@ class FanOutTrainer:
                 if tr.get("complete"):
                     return states
         if states is None:
-            states = [self._fresh_state(s) for s in self.runs]
+            states = self._link_shared([self._fresh_state(s) for s in self.runs])
         n_p, n_m = self.meta_cfg.n_primary_steps, self.meta_cfg.n_meta_steps
         every_ckpt, every_eval = self.train_cfg.checkpoint_every_steps, self.train_cfg.eval_every_steps
         B = self.train_cfg.batch_size
@@ -293,8 +314,15 @@ class FanOutTrainer:
                 self._note_batch(x, step)  # checked with the losses, without a host sync per step
                 x_norm = states[0].primary.standardize(x) if share_norm else None
                 record = (step + 1) % every_eval == 0 or step + 1 == n_steps
+                # a shared primary's penalty is read before its owner's step, as its own step would
+                shared_pen = {st.spec.name: self._measured_penalty(st) for st in states
+                              if st.owner is not None and record}
                 for st in states:
-                    self._primary_step(st, x, x_norm, step, record)
+                    if st.owner is None:
+                        self._primary_step(st, x, x_norm, step, record)
+                    elif record:  # the owner (listed before it) has stepped: its record is this run's
+                        st.history.append({**st.owner.history[-1], "penalty": shared_pen[st.spec.name],
+                                           "meta_mse": float(st.last_meta_mse)})
                     if st.meta is not None and (step + 1) % n_p == 0:
                         for j in range(n_m):
                             self._meta_step(st, step, j)
@@ -319,7 +347,8 @@ class FanOutTrainer:
         self._check_finite(states)
         if calib is not None:
             for st in states:
-                st.calibration = st.primary.calibrate_threshold(calib())
+                st.calibration = (st.owner.calibration if st.owner is not None
+                                  else st.primary.calibrate_threshold(calib()))
         self._commit(states, n_steps, n_steps, complete=True)
         return states
 
@@ -330,15 +359,14 @@ class FanOutTrainer:
         out = sae.train_step(x, self.autocast, x_norm=x_norm)
         loss = out.loss
         pen_val = float("nan")
-        if spec.kind == "joint" and st.meta is not None and (spec.lambda2 > 0 or record):
+        if spec.kind == "joint" and st.meta is not None and spec.lambda2 > 0:
             W_hat = meta_reconstruction(st.meta, sae.W_dec_FD, self.autocast)
-            if spec.lambda2 > 0:
-                pen = decomposability_penalty_grad_(sae.W_dec_FD, W_hat, spec.sigma2, spec.lambda2)
-                loss = loss + spec.lambda2 * pen
-                if record:  # read only when recorded: a read is a host sync on a GPU
-                    pen_val = float(pen)
-            elif record:  # the lambda2 = 0 control: measured, never in the loss
-                pen_val = float(decomposability_penalty(sae.W_dec_FD.detach(), W_hat, spec.sigma2)[0])
+            pen = decomposability_penalty_grad_(sae.W_dec_FD, W_hat, spec.sigma2, spec.lambda2)
+            loss = loss + spec.lambda2 * pen
+            if record:  # read only when recorded: a read is a host sync on a GPU
+                pen_val = float(pen)
+        elif spec.kind == "joint" and record:  # the lambda2 = 0 control: measured, never in the loss
+            pen_val = self._measured_penalty(st)
         elif spec.kind == "ortho":
             pen = orthogonality_penalty_grad_(sae.W_dec_FD, spec.ortho_coef, generator=st.generator)
             loss = loss + spec.ortho_coef * pen
@@ -363,6 +391,13 @@ class FanOutTrainer:
                 "n_dead": out.n_dead, "threshold": float(sae.threshold), "penalty": pen_val,
                 "meta_mse": float(st.last_meta_mse),
             })
+
+    def _measured_penalty(self, st: RunState) -> float:
+        """The decomposability penalty of a lambda2 = 0 run's rows: recorded, never in its loss."""
+        if st.meta is None:
+            return float("nan")
+        W_hat = meta_reconstruction(st.meta, st.primary.W_dec_FD, self.autocast)
+        return float(decomposability_penalty(st.primary.W_dec_FD.detach(), W_hat, st.spec.sigma2)[0])
 
     def _meta_step(self, st: RunState, step: int, j: int) -> None:
         meta = st.meta

@@ -141,6 +141,49 @@ def test_solo_and_joint_start_identical_and_lambda0_trains_exactly_like_solo():
     assert states[2].meta is not None and states[2].history[-1]["penalty"] > 0
 
 
+def _saved(folder) -> dict:
+    run = load_trained_run(folder.parent, folder.name)
+    out = {f"primary.{k}": v for k, v in run.sae.state_dict().items()}
+    out.update({f"meta.{k}": v for k, v in run.meta.state_dict().items()} if run.meta is not None else {})
+    return out
+
+
+def test_the_control_shares_the_solo_primary_and_equals_a_control_trained_alone(tmp_path, monkeypatch):
+    """The lambda2 = 0 control trains no primary of its own in a fan-out with its solo, and ends
+    bitwise where a control trained alone (its own primary) ends: weights, meta SAE, history,
+    the calibrated threshold and the saved checkpoint."""
+    ctrl = RunSpec("ctrl", "joint", 0, 0.0, 1.0)
+    runs = [RunSpec("solo"), RunSpec("joint", "joint", 0, 0.3, 1.0), ctrl]
+    tc = TrainConfig(batch_size=B, eval_every_steps=4, checkpoint_every_steps=5)
+    data, calib = sparse_data(14 * B), sparse_data(4 * B, seed=7)
+
+    def calib_chunks():
+        return iter(calib.split(B))
+
+    alone = FanOutTrainer(SAE_CFG, META, tc, [ctrl], ckpt_root=tmp_path / "alone", progress=False)
+    ref = alone.train(source(data), 14, calib=calib_chunks)[0]
+    steps = []
+    real = BatchTopKSAE.train_step
+    monkeypatch.setattr(BatchTopKSAE, "train_step", lambda self, *a, **k: steps.append(id(self)) or real(self, *a, **k))
+    fan = FanOutTrainer(SAE_CFG, META, tc, runs, ckpt_root=tmp_path / "fan", progress=False)
+    states = fan.train(source(data), 14, calib=calib_chunks)
+    primaries = {id(st.primary) for st in states}
+    # solo and joint step their primaries; the control shares the solo's
+    assert sum(i in primaries for i in steps) == 2 * 14 and len(primaries) == 2
+    shared = states[2]
+    assert shared.owner is states[0] and shared.primary is states[0].primary
+    for k, v in ref.primary.state_dict().items():
+        assert torch.equal(v, shared.primary.state_dict()[k]), k
+    for k, v in ref.meta.state_dict().items():
+        assert torch.equal(v, shared.meta.state_dict()[k]), k
+    def untimed(h):
+        return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in h]
+
+    assert untimed(shared.history) == untimed(ref.history) and shared.calibration == ref.calibration
+    a, b = _saved(tmp_path / "alone" / "ctrl"), _saved(tmp_path / "fan" / "ctrl")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_dead_latents_are_counted_in_tokens_and_feed_auxk():
     cfg = dataclasses.replace(SAE_CFG, dead_after_tokens=2 * B)
     sae = BatchTopKSAE(cfg, seed=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -67,6 +68,15 @@ def test_smoke_profile_end_to_end(tmp_path: Path) -> None:
     assert all(n.get("part") is None for n in results["notebooks"])
     trainer = json.loads((out / "seed0" / "checkpoints" / "trainer.json").read_text())
     assert trainer["complete"] and len(trainer["passes"]) == 2
+    # the lambda2 = 0 control shares the solo's primary (trained once, evaluated once): its
+    # reconstruction, |phi| and CE are the solo's, its meta SAE its own
+    for seed in (0, 1):
+        ev = json.loads((out / f"seed{seed}" / "metrics" / "eval.json").read_text())
+        ctrl, solo = ev["joint_l0"], ev["solo"]
+        assert ctrl["primary_of"] == "solo" and ctrl["run"]["name"] == "joint_l0"
+        for k in ("mean_abs_phi", "mse", "explained_variance_std", "ce_loss_score", "l0_threshold"):
+            assert ctrl[k] == solo[k], k
+        assert math.isfinite(ctrl["meta_explained_variance"]) and "meta_explained_variance" not in solo
     # the notebook found the validation set scored by its task: the speed of the task's requests is kept
     val = json.loads((out / "autointerp" / "validation_summary.json").read_text())
     assert val["speed"]["n_requests"] > 0 and val["speed"]["requests_per_s"] > 0

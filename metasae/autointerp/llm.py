@@ -122,6 +122,9 @@ class HFLocalClient(_BatchByLoop):
                  always_logprobs: Sequence[str] = tuple("0123456789"), share_prefix: bool = True):
         import torch
 
+        from metasae.allocator import keep_freed_memory
+
+        keep_freed_memory()  # each generated token allocates the same blocks again (metasae.allocator)
         torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
         if isinstance(model, torch.nn.Module):
             if tokenizer is None:
