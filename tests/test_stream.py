@@ -282,3 +282,41 @@ def test_evaluation_of_streamed_splits_equals_the_cached_one(tmp_path, monkeypat
         assert ev_s[nm] == ev_c[nm], nm
         assert np.array_equal(r_s[nm], r_c[nm]) and phi_s[nm] == phi_c[nm]
     assert sn_s == sn_c and len(sn_c) == 4  # solo and the joint: one snapshot each and the end
+
+
+@pytest.mark.slow
+def test_streaming_on_the_smoke_profiles_model_gives_the_cached_values(tmp_path) -> None:
+    """The streaming path on the smoke profile's real offline model (SmolLM2-135M, its layer and
+    dtype): a streamed training split holds the cached split's activations, and streamed
+    calibration and phi splits equal the cached ones bitwise."""
+    from metasae.config import load_profile
+
+    smoke = load_profile("smoke")
+    lm = load_model(smoke.model.name, dtype=smoke.model.dtype)
+    width = int(lm.model.config.hidden_size)
+
+    def prof(stream_splits: list[str]) -> Profile:
+        p = _profile(False)
+        return dataclasses.replace(p, model=dataclasses.replace(smoke.model),
+                                   data=dataclasses.replace(p.data, stream_splits=stream_splits),
+                                   sae=SAEConfig(d_in=width, n_latents=2 * width, k=4))
+
+    cached = build_cache(prof([]), tmp_path / "cached", progress=False, documents=DOCS, loaded=lm)
+    streamed = build_cache(prof(["train", "calib", "phi"]), tmp_path / "streamed", progress=False,
+                           documents=DOCS, loaded=lm)
+    assert not [f for s in ("train", "calib", "phi") for f in (tmp_path / "streamed").glob(f"acts_{s}_*")]
+    for split in ("calib", "phi"):
+        want, got = list(cached.valid_acts(split, 16)), list(streamed.valid_acts(split, 16))
+        assert [x.shape for x in got] == [x.shape for x in want] and got[0].shape[1] == width
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), split
+    tokens, mask = streamed.tokens("train"), streamed.mask("train")
+    n = planned_batches(streamed.n_valid("train"), 1.0, 16)
+    got = torch.cat(list(stream_batches(lm, smoke.model.layer, tokens, mask, batch_size=16, seed=0, n_batches=n,
+                                        buffer_tokens=64, harvest_rows=3)))
+    want = torch.cat(list(cached.valid_acts("train")))
+    assert got.shape[0] == n * 16 <= want.shape[0]
+    # bf16 values; a row's harvest may differ in the last bits with the batch it is harvested in, so
+    # each streamed row is within 2% of its norm of a cached row (another row is ~its norm away; the
+    # massive activations after BOS reach norms ~10x the median, hence relative to each row)
+    d = torch.cdist(got.float(), want.float()).min(dim=1).values
+    assert float((d / got.float().norm(dim=1)).max()) <= 2e-2
