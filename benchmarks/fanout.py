@@ -181,7 +181,7 @@ def worker(args) -> None:
             for role, sae in (("p", st.primary), ("m", st.meta)):
                 if sae is not None:
                     for name in ("W_enc_DF", "W_dec_FD", "b_dec_D", "threshold", "since_fired_F"):
-                        tensors[f"{st.spec.name}.{role}.{name}"] = getattr(sae, name).detach().reshape(-1).contiguous()
+                        tensors[f"{st.spec.name}.{role}.{name}"] = getattr(sae, name).detach().reshape(-1).clone()
         save_file(tensors, str(state_file))
         print(json.dumps({"saved": str(state_file)}))
         return
