@@ -142,7 +142,11 @@ def train_seed(ctx: RunContext, seed: int, progress: bool = True, dist: Any = No
 def train_pass(ctx: RunContext, seed: int, index: int, progress: bool = True) -> None:
     """Train (or resume) pass ``index`` of ``train.runs_per_pass`` alone: the harness runs the
     passes of a seed in separate processes side by side (``--jobs``), then notebook 01 finds
-    them complete.  Each run's weights are those of training every pass in one process."""
+    them complete.  Each run's weights are those of training every pass in one process.  A seed
+    whose training is complete (its ``trainer.json``) trains nothing, whatever its passes were."""
+    tr = read_trainer(ckpt_root(ctx, seed))
+    if tr is not None and tr.get("complete"):
+        return
     _train(ctx, seed, progress, None, only=index)
 
 

@@ -546,3 +546,22 @@ def test_the_allocator_keeps_freed_blocks_so_a_step_faults_no_pages_unless_told_
     out = subprocess.run([sys.executable, "-c", _ALLOC_PROBE], env={**env, "METASAE_MALLOC": "default"},
                          capture_output=True, text=True, check=True)
     assert out.stdout.split()[:2] == ["False", "False"]
+
+
+def test_a_pass_of_a_seed_whose_training_is_complete_trains_nothing(tmp_path, monkeypatch):
+    """The harness's pass task on an output folder whose seed finished (e.g. under an earlier cut
+    of the run list into passes) neither trains nor refuses: notebook 01 then loads the runs."""
+    from metasae import pipeline
+    from metasae.io import atomic_write_json
+
+    ctx = pipeline.open_run("smoke", out_dir=tmp_path / "out", figures_dir=tmp_path / "fig")
+    root = pipeline.ckpt_root(ctx, 0)
+    root.mkdir(parents=True)
+    atomic_write_json(root / "trainer.json", {"step": 1, "n_steps": 1, "complete": True, "fingerprint": "x",
+                                              "runs": [], "batch_size": 1, "tokens": 1})
+
+    def no_training(*a, **k):
+        raise AssertionError("a complete seed was trained again")
+
+    monkeypatch.setattr(pipeline, "_train", no_training)
+    pipeline.train_pass(ctx, 0, 0, progress=False)
