@@ -274,8 +274,10 @@ def test_evaluation_of_streamed_splits_equals_the_cached_one(tmp_path, monkeypat
         rates = {nm: pipeline.load_firing_rates(ctx, 0, nm) for nm in ev}
         thr = {nm: read_json(pipeline.metrics_dir(ctx, 0) / nm / "phi_summary.json") for nm in ev}
         out[label] = (ev, snaps, rates, thr)
-        # evaluation (4 SAEs) and snapshots (2): one pass each cached, one pass per SAE streamed
-        assert [len(g) for g in passes] == ([1] * 6 if splits else [4, 2]), passes
+        # evaluation (3 SAEs: the lambda2 = 0 control's primary is the solo's, evaluated once) and
+        # snapshots (2): one pass each cached, one pass per SAE streamed
+        assert [len(g) for g in passes] == ([1] * 5 if splits else [3, 2]), passes
+        assert ev["joint_l0"]["primary_of"] == "solo"
     (ev_c, sn_c, r_c, phi_c), (ev_s, sn_s, r_s, phi_s) = out["cached"], out["streamed"]
     assert sorted(ev_c) == sorted(ev_s) == ["joint_l0", "joint_l0.3_s1", "solo", "solo_indep1"]
     for nm in ev_c:
