@@ -11,7 +11,7 @@ a joint step at the default shape went from 100 ms to 78-82 ms (1 thread, load ~
 ``benchmarks/README.md``).  The price is that a process keeps up to 1 GiB of freed
 memory instead of returning it to the system.
 
-Applied by :func:`metasae.pipeline.set_threads`, the trainer and the local judge; a
+Applied by :func:`metasae.pipeline.open_run`, the trainer and the local judge; a
 no-op off glibc, or with ``METASAE_MALLOC=default``.
 """
 

@@ -594,20 +594,18 @@ class Profile:
         primary with another (:func:`primary_owner`: the lambda2 = 0 control) goes into its
         owner's pass, right after it, and is not counted: it adds a meta SAE, not a primary."""
         runs = self.runs_for_seed(seed)
-        shared = {r.name: o.name for r in runs if (o := primary_owner(r, runs)) is not None}
-        own = [r for r in runs if r.name not in shared]
+        sharers: dict[str, list[RunSpec]] = {}  # owner -> the runs on its primary, in order
+        own = []
+        for r in runs:
+            o = primary_owner(r, runs)
+            if o is None:
+                own.append(r)
+            else:
+                sharers.setdefault(o.name, []).append(r)
         size = self.train.runs_per_pass or len(own)
         n = -(-len(own) // size)
         cuts = [len(own) * i // n for i in range(n + 1)]
-        passes = [own[a:b] for a, b in zip(cuts, cuts[1:])]
-        for r in runs:
-            if r.name in shared:
-                group = next(g for g in passes if any(o.name == shared[r.name] for o in g))
-                at = next(i for i, o in enumerate(group) if o.name == shared[r.name])
-                while at + 1 < len(group) and group[at + 1].name in shared:
-                    at += 1
-                group.insert(at + 1, r)
-        return passes
+        return [[x for o in own[a:b] for x in (o, *sharers.get(o.name, ()))] for a, b in zip(cuts, cuts[1:])]
 
     def train_memory_bytes(self, seed: int | None = None) -> int:
         """Estimated peak memory of one pass of a seed's fan-out trainer (the largest when None).

@@ -347,24 +347,13 @@ def evaluate_seed(ctx: RunContext, seed: int, progress: bool = True) -> dict[str
                     "n_never_fired": s.n_never_fired, "n_always_fired": s.n_always_fired,
                     "var_abs_phi": s.var_abs_phi, "mean_phi": s.mean_phi})
         ev[nm] = rec
-    for nm, owner in same.items():
-        for f in (THRESHOLDS_FILE, "firing_rates.json", "phi_summary.json"):
-            (mdir / nm).mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(mdir / owner / f, mdir / nm / f)
-        ev[nm] = {**ev[owner], "run": dataclasses.asdict(trained[nm].spec), "primary_of": owner}
-        ev[nm].pop("meta_explained_variance", None)
-        ev[nm].pop("meta_mean_sq_distance", None)
-        if trained[nm].meta is not None:
-            ev[nm].update(meta_fit(trained[nm].meta, trained[nm].sae))
-    ev = {nm: ev[nm] for nm in names}
     # CE with the SAE spliced in
     if ctx.profile.data.ce_tokens > 0:
         from metasae.activations.harvest import ce_with_splices
 
         lm = loaded_model(ctx)
         tokens, mask = _ce_rows(ctx, cache)
-        roles = ("solo", "grid", "control")
-        ce_names = [nm for nm in own if trained[nm].spec.tags.get("role") in roles]
+        ce_names = [nm for nm in own if trained[nm].spec.tags.get("role") in ("solo", "grid", "control")]
         cut = cache.massive_norm(ctx.profile.data.massive_norm_ratio)
         fns = {nm: splice_fn(trained[nm].sae, cut) for nm in ce_names}
         if math.isfinite(cut):  # the same SAEs with every token spliced, massive activations included
@@ -382,13 +371,17 @@ def evaluate_seed(ctx: RunContext, seed: int, progress: bool = True) -> dict[str
                                     "delta_ce_pct_all_tokens": summ["delta_ce_pct"]})
             else:
                 ev[nm].update({"ce": raw, **ce_summary(raw), "ce_massive_passthrough": math.isfinite(cut)})
-        for nm, owner in same.items():  # the owner's splice is this SAE's
-            if trained[nm].spec.tags.get("role") in roles and "ce" in ev[owner]:
-                raw = ev[owner]["ce"]
-                ev[nm].update({"ce": raw, **ce_summary(raw), "ce_massive_passthrough": math.isfinite(cut)})
-                if "ce_all_tokens" in ev[owner]:  # every token spliced, as the owner's
-                    ev[nm].update({k: ev[owner][k] for k in ("ce_all_tokens", "ce_loss_score_all_tokens",
-                                                              "delta_ce_pct_all_tokens")})
+    # a shared primary's files and record are its owner's (CE included); its meta SAE's fit its own
+    for nm, owner in same.items():
+        (mdir / nm).mkdir(parents=True, exist_ok=True)
+        for f in (THRESHOLDS_FILE, "firing_rates.json", "phi_summary.json"):
+            shutil.copyfile(mdir / owner / f, mdir / nm / f)
+        ev[nm] = {**ev[owner], "run": dataclasses.asdict(trained[nm].spec), "primary_of": owner}
+        ev[nm].pop("meta_explained_variance", None)
+        ev[nm].pop("meta_mean_sq_distance", None)
+        if trained[nm].meta is not None:
+            ev[nm].update(meta_fit(trained[nm].meta, trained[nm].sae))
+    ev = {nm: ev[nm] for nm in names}
     atomic_write_json(summary_path, ev)
     return ev
 
