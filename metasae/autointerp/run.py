@@ -68,6 +68,13 @@ def _load(path: Path) -> dict[str, Any] | None:
     return rec if rec.get("version") == RECORD_VERSION else None
 
 
+def _explainer_of(rec: dict[str, Any]) -> Any:
+    """The model that wrote a record's explanation (records written before the judge could differ from the
+    explainer name one model, which did both)."""
+    j = rec.get("judge") or {}
+    return j.get("explainer", j.get("model"))
+
+
 def _is_final(rec: dict[str, Any] | None, scorers: Sequence[str]) -> bool:
     return bool(rec and rec.get("complete") and rec.get("n_failed", 1) == 0
                 and all(s in rec.get("scores", {}) for s in scorers))
@@ -76,7 +83,7 @@ def _is_final(rec: dict[str, Any] | None, scorers: Sequence[str]) -> bool:
 def score_latents(sae_name: str, latents: Sequence[int], contexts: dict[int, LatentContexts], client: Any,
                   cfg: Any, out_dir: str | Path, scorers: Sequence[str] | None = None, *, seed: int = 0,
                   random_baseline: bool = True, progress: bool = True,
-                  embedding_only: Sequence[int] = ()) -> list[dict[str, Any]]:
+                  embedding_only: Sequence[int] = (), judge: Any = None) -> list[dict[str, Any]]:
     """Explanation, scores and random-explanation scores for each latent, one record per latent.
 
     The latents in ``embedding_only`` are scored by the scorers that need no judge (the
@@ -90,7 +97,9 @@ def score_latents(sae_name: str, latents: Sequence[int], contexts: dict[int, Lat
     for s in scorers:
         if s not in SCORERS:
             raise ValueError(f"unknown scorer {s!r} (known: {', '.join(SCORERS)})")
-    judge = {"backend": getattr(client, "backend_id", "?"), "model": getattr(client, "model_id", "?")}
+    scorer_client = judge if judge is not None else client  # ``client`` explains, ``judge`` (if given) scores
+    judge_rec = {"backend": getattr(scorer_client, "backend_id", "?"),
+                 "model": getattr(scorer_client, "model_id", "?"), "explainer": getattr(client, "model_id", "?")}
     bar = _bar(progress)
     latents = [int(i) for i in latents]
     records: dict[int, dict[str, Any]] = {}
@@ -124,11 +133,15 @@ def score_latents(sae_name: str, latents: Sequence[int], contexts: dict[int, Lat
         if old and (old.get("explain_token_counts", 0), old.get("explain_context", 0)) != (token_counts,
                                                                                           explain_context):
             old = None  # explained with another prompt: explained and scored again
+        if old and _explainer_of(old) != judge_rec["explainer"]:
+            old = None  # another explainer: explained and scored again
+        if old and (old.get("judge") or {}).get("model") != judge_rec["model"]:
+            old = {**old, "complete": False}  # another judge: the explanation is kept, the scores are redone
         if _is_final(old, scorers_of(i)):
             records[i] = old  # type: ignore[assignment]
             continue
         ctx = contexts.get(i)
-        rec: dict[str, Any] = {"version": RECORD_VERSION, "sae": sae_name, "latent": i, "judge": judge,
+        rec: dict[str, Any] = {"version": RECORD_VERSION, "sae": sae_name, "latent": i, "judge": judge_rec,
                                "explain_token_counts": token_counts, "explain_context": explain_context,
                                "explanation": None, "scores": {}, "random_scores": {}, "details": {},
                                "random_explanation": None, "random_source": None, "errors": [],
@@ -173,7 +186,7 @@ def score_latents(sae_name: str, latents: Sequence[int], contexts: dict[int, Lat
             cands = [(pool[j], f"latent {j}") for j in others] + [(e, "pool") for e in RANDOM_EXPLANATIONS]
             rec["random_explanation"], rec["random_source"] = cands[int(rrng.integers(len(cands)))]
         for s in scorers_of(i):
-            res = SCORERS[s](client, expl, ctx, np.random.default_rng([seed, i, 2]), cfg)
+            res = SCORERS[s](scorer_client, expl, ctx, np.random.default_rng([seed, i, 2]), cfg)
             rec["scores"][s] = res["score"]
             if "auc" in res:  # binary scorers: the threshold-free companion score
                 rec["scores"][f"{s}_auc"] = res["auc"]
@@ -182,7 +195,8 @@ def score_latents(sae_name: str, latents: Sequence[int], contexts: dict[int, Lat
                 rec["n_failed"] += 1
                 rec["errors"].append(f"{s}: {res.get('error', '')}")
             if random_baseline:
-                rres = SCORERS[s](client, rec["random_explanation"], ctx, np.random.default_rng([seed, i, 2]), cfg)
+                rres = SCORERS[s](scorer_client, rec["random_explanation"], ctx, np.random.default_rng([seed, i, 2]),
+                                  cfg)
                 rec["random_scores"][s] = rres["score"]
                 if "auc" in rres:
                     rec["random_scores"][f"{s}_auc"] = rres["auc"]
