@@ -1,7 +1,7 @@
 """How good and how fast is an offline judge?  The judge validation set, measured.
 
     python benchmarks/judge_validation.py --cache outputs/default/activations \
-        --model qwen2.5-coder-1.5b [--n-latents 8] [--out benchmarks/results/judge_qwen15.json]
+        --model qwen2.5-coder-1.5b [--n-latents 8] [--window 16] [--out benchmarks/results/judge_qwen15.json]
 
 Builds the validation set (synthetic latents with known answers) from the cache's
 autointerp split with the default profile's autointerp settings, scores it with
@@ -29,6 +29,7 @@ def main() -> None:
     p.add_argument("--profile", default="default")
     p.add_argument("--model", default="", help="judge (default: the profile's)")
     p.add_argument("--n-latents", type=int, default=0, help="synthetic latents (default: the profile's)")
+    p.add_argument("--window", type=int, default=0, help="tokens per example window (default: the profile's)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="")
     a = p.parse_args()
@@ -44,6 +45,10 @@ def main() -> None:
 
     prof = load_profile(a.profile)
     cfg = prof.autointerp
+    if a.window:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, window=a.window)
     model = a.model or cfg.model
     n_lat = a.n_latents or cfg.n_validation_latents
     cache = open_cache(Path(a.cache), prof.name)
@@ -79,7 +84,7 @@ def main() -> None:
         inner(batch, 1, 0.0, True)
         timing["shared" if share else "whole"] = time.perf_counter() - t2
     client.share_prefix = True
-    res = {"judge": model, "shared_prefix_speedup": timing["whole"] / timing["shared"], "prefix_timing_s": timing, "profile": prof.name, "latents": list(ctxs), "n_prompts": n_prompts,
+    res = {"judge": model, "window": cfg.window, "shared_prefix_speedup": timing["whole"] / timing["shared"], "prefix_timing_s": timing, "profile": prof.name, "latents": list(ctxs), "n_prompts": n_prompts,
            "prompt_tokens": n_tokens, "score_seconds": t_score, "prompts_per_s": n_prompts / t_score,
            "prompt_tokens_per_s": n_tokens / t_score, "threads": a.threads,
            "summary": summarize_validation(recs), "n_failed": sum(r["n_failed"] for r in recs),
