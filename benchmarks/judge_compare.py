@@ -91,20 +91,12 @@ def main() -> None:
                 originals[(name, i)] = json.loads(src.read_text())
         judge = make_client(cfg, cache_dir=Path(tmp) / "llm_cache", role="judge")
         explainer = _RecordedExplanations(cfg.model)
-        n_prompts = [0]
-        inner = judge.inner.generate_batch
-
-        def counting(batch, *args, **kw):
-            n_prompts[0] += len(batch)
-            return inner(batch, *args, **kw)
-
-        judge.inner.generate_batch = counting
         t1 = time.time()
         rec_j = score_latents(joint, lj, ctx_j, explainer, cfg, out, seed=a.seed, progress=True,
                               random_baseline=cfg.random_baseline_joint, embedding_only=lj[n:], judge=judge)
         rec_s = score_latents("solo", ls, ctx_s, explainer, cfg, out, seed=a.seed, progress=True,
                               embedding_only=ls[n:], judge=judge)
-        pairs_s, pairs_prompts = time.time() - t1, n_prompts[0]
+        pairs_s, pairs_prompts = time.time() - t1, judge.misses  # an empty cache: every request is sent
         old_j = [originals[(joint, i)] for i in lj]
         old_s = [originals[("solo", i)] for i in ls]
         same_random = sum(r["random_explanation"] == o["random_explanation"] for r, o in zip(rec_s, old_s))
@@ -119,14 +111,14 @@ def main() -> None:
         if not a.no_validation:
             vctx = build_validation_contexts(cache.tokens("autointerp").numpy(), cache.mask("autointerp").numpy(),
                                              cfg, 0, tokenizer, n_latents=cfg.n_validation_latents)
-            t2, p0 = time.time(), n_prompts[0]
+            t2, p0 = time.time(), judge.misses
             vrec = score_validation(vctx, judge, cfg, Path(tmp) / "validation", seed=0, progress=True)
             vpath = run_dir / "autointerp" / "validation_summary.json"
             vold = json.loads(vpath.read_text()) if vpath.is_file() else {}
             res["validation"] = {
                 "run_judge": {"summary": vold.get("summary"), "speed_in_run": vold.get("speed")},
                 "judge": {"summary": summarize_validation(vrec), "seconds": time.time() - t2,
-                          "n_prompts": n_prompts[0] - p0},
+                          "n_prompts": judge.misses - p0},
             }
     finish(res, t0, a.out)
 

@@ -642,13 +642,12 @@ def judge_client(ctx: RunContext, role: str = "judge"):
     from metasae.autointerp.llm import make_client, role_model
 
     cfg = ctx.profile.autointerp
-    key = (str(ctx.out), cfg.backend, role_model(cfg, role), cfg.base_url)
-    if key not in _JUDGES:
-        wanted = {(str(ctx.out), cfg.backend, role_model(cfg, r), cfg.base_url) for r in ("explainer", "judge")}
-        for old in [k for k in _JUDGES if k not in wanted]:  # only this profile's models stay in memory
+    keys = {r: (str(ctx.out), cfg.backend, role_model(cfg, r), cfg.base_url) for r in ("explainer", "judge")}
+    if keys[role] not in _JUDGES:
+        for old in [k for k in _JUDGES if k not in keys.values()]:  # only this profile's models stay in memory
             del _JUDGES[old]
-        _JUDGES[key] = make_client(cfg, cache_dir=ctx.out / "llm_cache", role=role)
-    return _JUDGES[key]
+        _JUDGES[keys[role]] = make_client(cfg, cache_dir=ctx.out / "llm_cache", role=role)
+    return _JUDGES[keys[role]]
 
 
 _JUDGES: dict[tuple[str, ...], Any] = {}
