@@ -196,16 +196,10 @@ def worker(args) -> None:
 def gemm_worker(args) -> None:
     import torch
 
+    from metasae.machine import gemm_gflops  # the run's own probe: the same shape, best of 3
+
     torch.set_num_threads(args.threads)
-    a = torch.randn(4096, 1280, dtype=torch.bfloat16)
-    b = torch.randn(1280, 20480, dtype=torch.bfloat16)
-    a @ b
-    best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    print(json.dumps({"gflops": 2 * 4096 * 1280 * 20480 / best / 1e9}))
+    print(json.dumps({"gflops": gemm_gflops()}))
 
 
 # ---------------------------------------------------------------------------

@@ -159,6 +159,9 @@ class Plan:
     """(commit, dirty) when the run began, before any notebook wrote into the tree
     (figures/<profile>/ are tracked: a run that regenerates them must not call the
     code it ran 'dirty')."""
+    machine: dict[str, Any] = field(default_factory=dict)
+    """The machine's speed (:func:`metasae.machine.probe`) at the ``before`` and ``after`` of a
+    complete run, ``--jobs`` one-thread processes side by side; empty when not probed."""
 
 
 # ---------------------------------------------------------------------------
@@ -481,6 +484,7 @@ def run(plan: Plan) -> Path | None:
             (out / name).unlink(missing_ok=True)
         _reset_index(index, None)
         atomic_write_text(out / "config.json", plan.profile.to_json() + "\n")
+        _probe_machine(plan, "before")
 
     seeds_text = ",".join(str(s) for s in plan.seeds)
     env_before = dict(os.environ)
@@ -512,7 +516,20 @@ def run(plan: Plan) -> Path | None:
         else:
             print(f"ran {', '.join(n.path.name for n in plan.notebooks)}; merged into {merged}")
         return None
+    _probe_machine(plan, "after")
     return write_results(plan, index)
+
+
+def _probe_machine(plan: Plan, when: str) -> None:
+    """Record the machine's speed in ``plan.machine[when]`` (a few seconds; skipped with
+    METASAE_MACHINE_PROBE=0): wall times of different days compare only beside it."""
+    from metasae import machine
+
+    if not machine.enabled():
+        return
+    rec = machine.probe(plan.jobs)
+    plan.machine[when] = rec
+    print(f"[metasae] machine {when} the run: {machine.describe(rec) or rec.get('error')}", flush=True)
 
 
 def _converted(plan: Plan, nb: Notebook, tmp: Path, jupytext: Any, nbformat: Any) -> Path:
@@ -1051,6 +1068,7 @@ def write_results(plan: Plan, index: Path) -> Path:
         "jobs": plan.jobs,
         **total_wall(plan.started),
         "stages": stage_timings(plan.executions),
+        **({"machine": plan.machine} if plan.machine else {}),
         "notebooks": [{"notebook": ex.notebook.path.name, "seed": ex.seed, "seconds": round(ex.seconds, 3),
                        "executed": str(ex.output)} for ex in plan.executions if ex.part is None],
         "artifacts": entries,
@@ -1063,6 +1081,8 @@ def write_results(plan: Plan, index: Path) -> Path:
 
 def render_results_md(record: dict[str, Any], out: Path) -> str:
     """results.md from a results.json record (a complete run, with any partial runs merged in)."""
+    from metasae import machine
+
     seeds_text = ",".join(str(s) for s in record.get("seeds", []))
     dirty_text = {True: " (dirty: uncommitted changes)", False: " (clean)"}.get(record.get("dirty"), "")
 
@@ -1110,6 +1130,7 @@ def render_results_md(record: dict[str, Any], out: Path) -> str:
     origin = "run_all.sh's start, setup included" if record.get("wall_s_total_includes_setup") else \
         "the harness's start; setup not included"
     lines.append(f"| total (from {origin}) | | | {float(record.get('wall_s_total', float('nan'))):.1f} | |")
+    lines += machine.summary_lines(record.get("machine"))
     entries = record.get("artifacts", [])
     for kind, title in (("table", "Tables"), ("figure", "Figures")):
         rows = [e for e in entries if e["kind"] == kind]

@@ -10,7 +10,8 @@ has) and writes ``<dest>/summary.json``:
 * ``git_commit``, ``git_dirty``, ``profile``, ``seeds``, ``finished`` (from
   ``results.json``, the seeds falling back to ``config.json``),
   ``wall_s_total``, ``wall_s_total_includes_setup``, ``setup_s`` and
-  ``stages`` (the harness's timings);
+  ``stages`` (the harness's timings), ``machine`` (the machine's speed before and
+  after the run, :mod:`metasae.machine`; empty when the run did not probe it);
 * ``solo_quality``: per seed, ``dead_frac``, ``explained_variance_std`` and
   ``ce_loss_score`` of the solo SAE (``seed<s>/metrics/eval.json``, entry
   ``solo``) and ``mse_last_quarter_rel_improvement`` from its training history
@@ -443,6 +444,7 @@ def build_summary(out_dir: str | Path) -> dict[str, Any]:
         "wall_s_total_includes_setup": results.get("wall_s_total_includes_setup"),
         "setup_s": _num(results.get("setup_s")),
         "stages": results.get("stages") if isinstance(results.get("stages"), dict) else {},
+        "machine": results.get("machine") if isinstance(results.get("machine"), dict) else {},
         "solo_quality": {str(s): solo_quality(out, s) for s in seeds},
         "meta_explained_variance": {
             str(s): (_get(_eval(out, s).get(name), "meta_explained_variance") if name else None) for s in seeds},

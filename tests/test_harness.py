@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from metasae import report
+from metasae.machine import PROBE_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,6 +99,7 @@ def _env(**extra: str) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     env.pop("METASAE_OUT", None)
     env.pop("METASAE_FIGURES", None)
+    env[PROBE_ENV] = "0"  # the machine probe (a few seconds per run) only where a test asks for it
     if sys.prefix != sys.base_prefix:
         env["VIRTUAL_ENV"] = sys.prefix
     env.update(extra)
@@ -187,7 +189,7 @@ def test_run_all_bad_input_fails_fast(argv: list[str], needle: str) -> None:
 
 def test_good_notebook_writes_results(tiny: dict[str, Path]) -> None:
     (tiny["notebooks"] / "01_good.py").write_text(GOOD)
-    proc = _harness(*_args(tiny, "--seeds", "3,4"))
+    proc = _harness_env(_args(tiny, "--seeds", "3,4"), **{PROBE_ENV: "1"})
     assert proc.returncode == 0, proc.stderr
     out, figures = tiny["out"], tiny["figures"]
     results = (out / "results.md").read_text()
@@ -206,6 +208,22 @@ def test_good_notebook_writes_results(tiny: dict[str, Path]) -> None:
     assert json.loads((out / "config.json").read_text())["seeds"] == [3, 4]
     executed = json.loads((out / "notebooks" / "01_good.ipynb").read_text())
     assert not [o for c in executed["cells"] for o in c.get("outputs", []) if o["output_type"] == "error"]
+    # the machine's speed, probed before the first notebook and after the last (one process: --jobs 1)
+    mach = data["machine"]
+    assert set(mach) == {"before", "after"} and mach["before"]["at"] <= mach["after"]["at"]
+    for rec in mach.values():
+        assert rec["processes"] == 1 and len(rec["per_process"]) == 1, rec
+        assert rec["bf16_gemm_gflops"] > 0 and rec["mem_triad_gbps"] > 0
+    assert "Machine speed (`python -m metasae.machine`): before the run " in results
+    assert "machine before the run: " in proc.stdout
+
+
+def test_machine_probe_is_skipped_on_request(tiny: dict[str, Path]) -> None:
+    (tiny["notebooks"] / "01_good.py").write_text(GOOD)
+    proc = _harness(*_args(tiny))  # _env sets METASAE_MACHINE_PROBE=0
+    assert proc.returncode == 0, proc.stderr
+    assert "machine" not in json.loads((tiny["out"] / "results.json").read_text())
+    assert "Machine speed" not in (tiny["out"] / "results.md").read_text()
 
 
 def test_failing_notebook_fails_the_run(tiny: dict[str, Path]) -> None:

@@ -18,6 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SUMMARY = {
     "profile": "default", "seeds": [0, 1, 2], "git_commit": "0123456789abcdef0123", "git_dirty": False,
     "wall_s_total": 2712.0, "wall_s_total_includes_setup": True, "setup_s": 132.0,
+    "machine": {"before": {"processes": 3, "bf16_gemm_gflops": 1319.4, "mem_triad_gbps": 26.84, "loadavg": [0.5, 1, 1]},
+                "after": {"processes": 3, "bf16_gemm_gflops": 1125.0, "mem_triad_gbps": 21.0, "loadavg": [2.1, 2, 2]}},
     "stages": {
         "01_train": {"wall_s": 1230.0, "concurrency": 3,
                      "per_execution": [{"seed": 0, "seconds": 1200.0}, {"seed": 1, "seconds": 1210.0},
@@ -82,6 +84,8 @@ def test_block_contents(files: tuple[Path, Path]) -> None:
     assert "| setup before the notebooks (environment, corpus) | 2.2 |" in block
     assert "| 01_train (3 runs, 3 side by side) | 20.5 |" in block
     assert "| 06_seeds | 0.1 |" in block
+    assert ("Machine speed (`python -m metasae.machine`): before the run 1,319 GFLOP/s bf16 GEMM, 26.8 GB/s memory "
+            "(3 x 1 thread), load 0.5; after the run 1,125 GFLOP/s") in block
     # quality bars: met / not met, the bar value itself counts as met
     assert "| 0 | 5.0% met | 0.850 met | 0.930 met | 3.0% met |" in block
     assert "| 1 | 12.5% not met | 0.790 not met | 0.900 met | 8.0% not met |" in block
@@ -146,6 +150,7 @@ def test_missing_numbers_render_as_na() -> None:
     assert "| 0 | n/a (not measured) | n/a (not measured) | n/a (not measured) | n/a (not measured) |" in block
     assert "over n = 0 seeds" in block and "Delta mean |phi| = n/a +/- n/a %" in block
     assert "environment setup not measured" in block
+    assert "The machine's speed was not recorded by this run" in block
 
 
 def test_cli_check(files: tuple[Path, Path]) -> None:

@@ -36,6 +36,7 @@ def run(tmp_path: Path) -> Path:
     _write(out / "results.json", {
         "profile": "default", "seeds": [0, 1, 2, 3], "commit": "abc123", "dirty": False,
         "finished": "2026-01-01T00:00:00+00:00", "wall_s_total": 2700.5, "wall_s_total_includes_setup": True,
+        "machine": {"before": {"processes": 2, "bf16_gemm_gflops": 1300.0, "mem_triad_gbps": 26.0}},
         "setup_s": 120.25,
         "stages": {"01_train": {"wall_s": 900.0, "per_execution": [{"seed": 0, "seconds": 450.0}], "concurrency": 2}},
     })
@@ -86,6 +87,7 @@ def test_summary_numbers(run: Path, tmp_path: Path) -> None:
 
     assert (s["git_commit"], s["git_dirty"], s["profile"], s["seeds"]) == ("abc123", False, "default", [0, 1, 2, 3])
     assert s["wall_s_total"] == 2700.5 and s["wall_s_total_includes_setup"] is True and s["setup_s"] == 120.25
+    assert s["machine"] == {"before": {"processes": 2, "bf16_gemm_gflops": 1300.0, "mem_triad_gbps": 26.0}}
     assert s["stages"]["01_train"]["wall_s"] == 900.0
 
     q = s["solo_quality"]
@@ -141,7 +143,7 @@ def test_selected_fallback_and_missing_pieces(run: Path, tmp_path: Path) -> None
 
     (run / "selection.json").unlink()
     res = json.loads((run / "results.json").read_text())
-    for key in ("seeds", "stages", "wall_s_total", "commit"):
+    for key in ("seeds", "stages", "wall_s_total", "commit", "machine"):
         del res[key]
     _write(run / "results.json", res)
     s = summary.build_summary(run)
@@ -149,7 +151,7 @@ def test_selected_fallback_and_missing_pieces(run: Path, tmp_path: Path) -> None
     assert s["headline"]["joint"] is None and s["headline"]["n_seeds"] == 0
     assert s["headline"]["delta_phi_pct_mean"] is None
     assert s["meta_explained_variance"] == {"0": None, "1": None, "2": None, "3": None}
-    assert s["stages"] == {} and s["wall_s_total"] is None and s["git_commit"] is None
+    assert s["stages"] == {} and s["wall_s_total"] is None and s["git_commit"] is None and s["machine"] == {}
     json.dumps(s, allow_nan=False)  # no NaN anywhere
 
 
