@@ -334,7 +334,7 @@ def render_block(summary: dict[str, Any], source: str) -> str:
         f"* Delta mean |phi| = {_fmt(h.get('delta_phi_pct_mean'), '+.1f')} +/- "
         f"{_fmt(h.get('delta_phi_pct_se'), '.1f')} % (mean +/- SE); paired t-test over seeds "
         f"p = {_fmt(h.get('p_paired'), '.3g')}; minimum detectable effect "
-        f"(alpha 0.05 two-sided, power 0.8) {_fmt(h.get('mde_pct'), '.1f')} %.",
+        f"(alpha 0.05 two-sided, power 0.8) {_fmt(h.get('mde_pct'), '.1f')} %." + seeds_needed(summary),
         f"* Delta L2 = {_fmt(h.get('delta_l2_pct_mean'), '+.2f')} %; "
         f"Delta CE = {_fmt(h.get('delta_ce_pct_mean'), '+.2f')} percentage points of the clean CE.",
     ]
@@ -390,6 +390,42 @@ def render_block(summary: dict[str, Any], source: str) -> str:
     lines += render_verdicts(summary)
     lines.append(END)
     return "\n".join(lines) + "\n"
+
+
+def seed_cost_s(summary: dict[str, Any]) -> float | None:
+    """Mean seconds of every execution of one seed other than the first (which alone trains the
+    grid): what one more seed costs the run, in process time; None without such seeds."""
+    seeds = summary.get("seeds") or []
+    first = seeds[0] if seeds else None
+    per: dict[Any, float] = {}
+    for st in _d(summary.get("stages")).values():
+        for e in _d(st).get("per_execution") or []:
+            if isinstance(e, dict) and e.get("seed") is not None and e.get("seed") != first:
+                sec = _num(e.get("seconds"))
+                if sec is not None:
+                    per[e["seed"]] = per.get(e["seed"], 0.0) + sec
+    return sum(per.values()) / len(per) if per else None
+
+
+def seeds_needed(summary: dict[str, Any]) -> str:
+    """' At the measured seed-to-seed SD (...), an MDE of 3 % needs N seeds; ...' or ''."""
+    h = _d(summary.get("headline"))
+    n_need, sd, target = h.get("seeds_for_mde_target"), _num(h.get("delta_phi_pct_sd")), _num(h.get("mde_target_pct"))
+    if sd is None or target is None:
+        return ""
+    if not isinstance(n_need, int):
+        return (f" At the measured seed-to-seed SD ({sd:.1f} %), no number of seeds up to 1,000 reaches an MDE "
+                f"of {target:g} %.")
+    n = h.get("n_seeds") or 0
+    text = f" At the measured seed-to-seed SD ({sd:.1f} %), an MDE of {target:g} % needs {n_need} seeds"
+    cost = seed_cost_s(summary)
+    procs = max([_d(st).get("concurrency") or 1 for st in _d(summary.get("stages")).values()] or [1])
+    if n_need > n and cost is not None:
+        more = n_need - n
+        text += (f": {more} more, at {cost / 60:.1f} min of process time each in this run (a seed after the "
+                 f"first: its training and evaluation), about {more * cost / procs / 60:.0f} min more wall time "
+                 f"on its {procs} process{'es' if procs > 1 else ''}")
+    return text + "."
 
 
 def autointerp_cost(summary: dict[str, Any], a: dict[str, Any]) -> str:

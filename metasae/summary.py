@@ -23,8 +23,10 @@ has) and writes ``<dest>/summary.json``:
   both: ``n_seeds``, ``delta_phi_pct_mean`` / ``_se``, ``p_paired`` (paired t
   test over seeds of the joint's mean |phi| against the solo's), ``mde_pct``,
   ``delta_l2_pct_mean`` / ``_se``, ``delta_ce_pct_mean`` / ``_se`` and
-  ``per_seed``.  Per seed, Delta |phi| % = 100 (phi_joint / phi_solo - 1) of
-  ``mean_abs_phi``; Delta L2 % the same of ``mse`` (the global-threshold rule);
+  ``per_seed``; ``delta_phi_pct_sd`` (over seeds) and ``seeds_for_mde_target``, the seeds
+  that SD would need for an MDE of ``mde_target_pct`` (3 percentage points).  Per seed,
+  Delta |phi| % = 100 (phi_joint / phi_solo - 1) of ``mean_abs_phi``; Delta L2 % the same of
+  ``mse`` (the global-threshold rule);
   Delta CE = joint ``delta_ce_pct`` - solo ``delta_ce_pct`` (percentage points);
   ``config`` names the joint run again and ``delta_phi_pct_ci95`` is the 95% t
   interval of the mean Delta |phi|;
@@ -64,6 +66,9 @@ HISTORY_WINDOW = 0.10
 """Width of the averaging windows of :func:`mse_last_quarter_rel_improvement`, as a fraction of training."""
 ALPHA = 0.05
 POWER = 0.8
+MDE_TARGET_PCT = 3.0
+"""The default run's bar on the headline's minimum detectable effect (percentage points of Delta |phi| %)."""
+MAX_SEEDS = 1000
 
 
 class SummaryError(RuntimeError):
@@ -258,6 +263,21 @@ def mde(values: Sequence[float], alpha: float = ALPHA, power: float = POWER) -> 
     return _num(float((stats.t.ppf(1 - alpha / 2, n - 1) + stats.t.ppf(power, n - 1)) * sd / math.sqrt(n)))
 
 
+def seeds_for_mde(sd: float | None, target: float = MDE_TARGET_PCT, alpha: float = ALPHA,
+                  power: float = POWER) -> int | None:
+    """The fewest seeds n >= 2 whose paired t test has MDE (t_{1-alpha/2, n-1} + t_{power, n-1}) sd / sqrt(n)
+    <= target, taking ``sd`` (the measured seed-to-seed SD) as the truth; None without an SD or
+    beyond :data:`MAX_SEEDS`."""
+    if sd is None or not math.isfinite(sd) or sd < 0 or target <= 0:
+        return None
+    from scipy import stats
+
+    for n in range(2, MAX_SEEDS + 1):
+        if (stats.t.ppf(1 - alpha / 2, n - 1) + stats.t.ppf(power, n - 1)) * sd / math.sqrt(n) <= target:
+            return n
+    return None
+
+
 def headline(out: Path, seeds: Sequence[int]) -> dict[str, Any]:
     name = headline_name(out)
     per_seed: dict[str, dict[str, float | None]] = {}
@@ -287,6 +307,9 @@ def headline(out: Path, seeds: Sequence[int]) -> dict[str, Any]:
         "mde_pct": mde(dphi),
         "mde_alpha": ALPHA,
         "mde_power": POWER,
+        "delta_phi_pct_sd": _sd(dphi),
+        "mde_target_pct": MDE_TARGET_PCT,
+        "seeds_for_mde_target": seeds_for_mde(_sd(dphi)),
         "delta_l2_pct_mean": _mean(values("delta_l2_pct")),
         "delta_l2_pct_se": _se(values("delta_l2_pct")),
         "delta_ce_pct_mean": _mean(values("delta_ce_pct")),

@@ -36,7 +36,8 @@ SUMMARY = {
     },
     "meta_explained_variance": {"0": 0.912, "1": None, "2": 0.9},
     "headline": {"joint": "l0.3_s1.0", "n_seeds": 3, "delta_phi_pct_mean": -4.04, "delta_phi_pct_se": 2.61,
-                 "p_paired": 0.2551, "mde_pct": 16.43, "delta_l2_pct_mean": 1.654, "delta_ce_pct_mean": 0.3456},
+                 "p_paired": 0.2551, "mde_pct": 16.43, "delta_l2_pct_mean": 1.654, "delta_ce_pct_mean": 0.3456,
+                 "delta_phi_pct_sd": 4.52, "mde_target_pct": 3.0, "seeds_for_mde_target": 21},
 }
 
 README = """\
@@ -94,6 +95,10 @@ def test_block_contents(files: tuple[Path, Path]) -> None:
     assert "over n = 3 seeds" in block
     assert "Delta mean |phi| = -4.0 +/- 2.6 % (mean +/- SE)" in block
     assert "p = 0.255" in block and "power 0.8) 16.4 %" in block
+    # seeds 1 and 2 took 1210 and 1190 s: 20 min each; 18 more seeds on 3 processes: 18 x 1200 / 3 s = 120 min
+    assert ("power 0.8) 16.4 %. At the measured seed-to-seed SD (4.5 %), an MDE of 3 % needs 21 seeds: 18 more, "
+            "at 20.0 min of process time each in this run (a seed after the first: its training and evaluation), "
+            "about 120 min more wall time on its 3 processes.") in block
     assert "Delta L2 = +1.65 %" in block and "Delta CE = +0.35 percentage points" in block
 
 
@@ -151,6 +156,13 @@ def test_missing_numbers_render_as_na() -> None:
     assert "over n = 0 seeds" in block and "Delta mean |phi| = n/a +/- n/a %" in block
     assert "environment setup not measured" in block
     assert "The machine's speed was not recorded by this run" in block
+    assert "needs" not in block  # no seed-to-seed SD, no number of seeds
+    enough = readme.render_block({"headline": {"n_seeds": 5, "delta_phi_pct_sd": 1.0, "mde_target_pct": 3.0,
+                                               "seeds_for_mde_target": 4}}, "summary.json")
+    assert "At the measured seed-to-seed SD (1.0 %), an MDE of 3 % needs 4 seeds." in enough
+    never = readme.render_block({"headline": {"delta_phi_pct_sd": 1e9, "mde_target_pct": 3.0,
+                                              "seeds_for_mde_target": None}}, "summary.json")
+    assert "no number of seeds up to 1,000 reaches an MDE of 3 %." in never
 
 
 def test_cli_check(files: tuple[Path, Path]) -> None:

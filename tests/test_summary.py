@@ -232,3 +232,27 @@ def test_one_sample_p_ci_grid_and_synthetic_verdict(tmp_path):
     assert summary.synthetic_verdict(out) is None  # no table
     _write(out / "tables" / "synthetic_verdict.csv", 'verdict\n"Less atomic, by the ground truth."\n')
     assert summary.synthetic_verdict(out) == "Less atomic, by the ground truth."
+
+
+def test_seeds_for_mde() -> None:
+    # the reference run's seed-to-seed SD of Delta |phi| % (2.91): 9 seeds give 3.10, 10 give 2.89
+    assert summary.seeds_for_mde(2.91) == 10
+    vals = [0.29, -0.21, -0.44, 6.09, -1.0]
+    sd = summary._sd(vals)
+    n = summary.seeds_for_mde(sd)
+    assert summary.mde(vals) == pytest.approx(4.84, abs=0.01)  # 5 seeds
+    assert n == 10 and summary.mde(_with_sd(sd, n)) <= 3.0  # the same SD over n seeds: within the target
+    assert summary.mde(_with_sd(sd, n - 1)) > 3.0
+    assert summary.seeds_for_mde(0.0) == 2
+    assert summary.seeds_for_mde(None) is None and summary.seeds_for_mde(float("nan")) is None
+    assert summary.seeds_for_mde(1e6) is None  # beyond MAX_SEEDS
+
+
+def _with_sd(sd: float, n: int) -> list[float]:
+    """n values with sample SD exactly sd (mean 0)."""
+    base = [(-1) ** i for i in range(n)] if n % 2 == 0 else [(-1) ** i for i in range(n - 1)] + [0.0]
+    m = sum(base) / n
+    base = [b - m for b in base]
+    s = math.sqrt(sum(b * b for b in base) / (n - 1))
+    return [b * sd / s for b in base]
+
