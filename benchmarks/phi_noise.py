@@ -83,7 +83,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, help="a finished run's output folder (bash run_all.sh --out)")
     p.add_argument("--profile", default="default")
-    p.add_argument("--seeds", default="", help="comma-separated (default: every seed with both SAEs evaluated)")
+    p.add_argument("--seeds", default="", help="comma-separated (default: the profile's seeds, each evaluated)")
     p.add_argument("--parts", type=int, default=4, help="contiguous blocks of the phi split (even, >= 2)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="")
