@@ -73,12 +73,6 @@ def block_counts(sae, thr, cache, batch: int, edges: list[int]):
     return blocks
 
 
-def mde(sd: float, n: int) -> float:
-    from scipy import stats
-
-    return float((stats.t.ppf(0.975, n - 1) + stats.t.ppf(0.8, n - 1)) * sd / math.sqrt(n))
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, help="a finished run's output folder (bash run_all.sh --out)")
@@ -96,8 +90,7 @@ def main() -> None:
     from metasae import pipeline
     from metasae.checkpoint import load_trained_run
     from metasae.metrics.cooccurrence import phi_summary
-    from metasae.metrics.thresholds import load_eer_thresholds
-    from metasae.summary import headline_name
+    from metasae.summary import headline_name, mde_from_sd
 
     t0 = time.time()
     torch.set_num_threads(a.threads)
@@ -127,7 +120,7 @@ def main() -> None:
         row = {}
         for nm in ("solo", joint):
             trained = load_trained_run(pipeline.ckpt_root(ctx, s), nm)
-            thr = load_eer_thresholds(pipeline.metrics_dir(ctx, s) / nm / "thresholds.safetensors")
+            thr = pipeline.thresholds_for(ctx, s, nm, trained, cache)  # the run's stored ones
             tp = time.time()
             blocks = block_counts(trained.sae, thr, cache, batch, edges)
             phis = {f"block{b}": phi_summary(c).mean_abs_phi for b, c in enumerate(blocks)}
@@ -156,9 +149,9 @@ def main() -> None:
         "between_seeds": between, "token_noise_from_blocks": noise_blocks, "token_noise_from_halves": noise_halves,
         "noise_fraction": noise / between if between > 0 else None}
     if n > 1:
-        res["mde_pct"] = {"as_run": mde(math.sqrt(between), n),
-                          "twice_the_phi_tokens": mde(math.sqrt(max(between - noise / 2, 0.0)), n),
-                          "no_token_noise": mde(math.sqrt(max(between - noise, 0.0)), n)}
+        res["mde_pct"] = {"as_run": mde_from_sd(math.sqrt(between), n),
+                          "twice_the_phi_tokens": mde_from_sd(math.sqrt(max(between - noise / 2, 0.0)), n),
+                          "no_token_noise": mde_from_sd(math.sqrt(max(between - noise, 0.0)), n)}
     # the sampling floor at the full split, if it falls as 1/sqrt(N): m(N/2) - m(N) = F (sqrt 2 - 1),
     # m(N/parts) - m(N) = F (sqrt(parts) - 1); as a fraction of m(N), over every SAE measured
     fl_h, fl_b = [], []

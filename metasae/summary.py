@@ -250,32 +250,29 @@ def paired_p(joint: Sequence[float], solo: Sequence[float]) -> float | None:
     return _num(float(stats.ttest_rel(joint, solo).pvalue))
 
 
+def mde_from_sd(sd: float, n: int, alpha: float = ALPHA, power: float = POWER) -> float:
+    """Minimum detectable effect of a paired t test over n seeds whose per-seed values have
+    standard deviation sd, two-sided at `alpha` with `power`: (t_{1-alpha/2, n-1} + t_{power, n-1}) sd / sqrt(n)."""
+    from scipy import stats
+
+    return float((stats.t.ppf(1 - alpha / 2, n - 1) + stats.t.ppf(power, n - 1)) * sd / math.sqrt(n))
+
+
 def mde(values: Sequence[float], alpha: float = ALPHA, power: float = POWER) -> float | None:
-    """Minimum detectable effect of a paired t test over len(values) seeds, two-sided at
-    `alpha` with `power`: (t_{1-alpha/2, n-1} + t_{power, n-1}) sd / sqrt(n), sd the
-    measured standard deviation of the per-seed values."""
+    """:func:`mde_from_sd` over len(values) seeds, sd the measured standard deviation of the per-seed values."""
     sd = _sd(values)
     if sd is None:
         return None
-    from scipy import stats
-
-    n = len(values)
-    return _num(float((stats.t.ppf(1 - alpha / 2, n - 1) + stats.t.ppf(power, n - 1)) * sd / math.sqrt(n)))
+    return _num(mde_from_sd(sd, len(values), alpha, power))
 
 
 def seeds_for_mde(sd: float | None, target: float = MDE_TARGET_PCT, alpha: float = ALPHA,
                   power: float = POWER) -> int | None:
-    """The fewest seeds n >= 2 whose paired t test has MDE (t_{1-alpha/2, n-1} + t_{power, n-1}) sd / sqrt(n)
-    <= target, taking ``sd`` (the measured seed-to-seed SD) as the truth; None without an SD or
-    beyond :data:`MAX_SEEDS`."""
+    """The fewest seeds n >= 2 with :func:`mde_from_sd` <= target, taking ``sd`` (the measured
+    seed-to-seed SD) as the truth; None without an SD or beyond :data:`MAX_SEEDS`."""
     if sd is None or not math.isfinite(sd) or sd < 0 or target <= 0:
         return None
-    from scipy import stats
-
-    for n in range(2, MAX_SEEDS + 1):
-        if (stats.t.ppf(1 - alpha / 2, n - 1) + stats.t.ppf(power, n - 1)) * sd / math.sqrt(n) <= target:
-            return n
-    return None
+    return next((n for n in range(2, MAX_SEEDS + 1) if mde_from_sd(sd, n, alpha, power) <= target), None)
 
 
 def headline(out: Path, seeds: Sequence[int]) -> dict[str, Any]:
