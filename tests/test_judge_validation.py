@@ -423,6 +423,7 @@ def test_pre_setup_check_does_not_need_the_judge(monkeypatch, tmp_path):
     from metasae import harness
 
     monkeypatch.setattr(judges, "_module_dir", lambda dist: None)
+    monkeypatch.setattr(harness, "_free_disk", lambda folder: 1 << 50)  # the machine's disk is not the point
     parser = harness.build_parser("t")
     argv = ["--profile", "default", "--out", str(tmp_path / "o"), "--figures", str(tmp_path / "f")]
     assert harness.plan_from_args(parser.parse_args(argv + ["--check"])).profile.name == "default"

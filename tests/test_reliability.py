@@ -541,8 +541,10 @@ def test_the_allocator_keeps_freed_blocks_so_a_step_faults_no_pages_unless_told_
     out = subprocess.run([sys.executable, "-c", _ALLOC_PROBE], env=env, capture_output=True, text=True, check=True)
     ok, again, faults = out.stdout.split()
     # glibc's defaults cost up to ~6,800 page faults per such step (whether they do depends on
-    # the process's history: its mmap threshold moves); kept blocks cost none
-    assert (ok, again) == ("True", "True") and int(faults) < 200, out.stdout
+    # the process's history: its mmap threshold moves); kept blocks cost none of their own, but
+    # the kernel may still fault a few hundred pages a step for reasons of its own (automatic NUMA
+    # balancing's hinting faults count as minor faults: 216 a step on one CI machine)
+    assert (ok, again) == ("True", "True") and int(faults) < 1000, out.stdout
     out = subprocess.run([sys.executable, "-c", _ALLOC_PROBE], env={**env, "METASAE_MALLOC": "default"},
                          capture_output=True, text=True, check=True)
     assert out.stdout.split()[:2] == ["False", "False"]
