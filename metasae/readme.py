@@ -228,10 +228,28 @@ def autointerp_verdicts(a: dict[str, Any]) -> list[str]:
         if vr and not beat:
             tail += (" On real latents no score told the explanations from random ones, so these differences "
                      "say little about interpretability.")
-        out.append(f"* **Figure 2, joint against solo** ({n}, seed {a.get('seed')}): "
+        out.append(f"* **Figure 2, joint against solo** ({n}, {_seeds_text(a)}): "
                    + ("; ".join(f"{k} {_fmt(v.get('delta'), '+.3f')} (p = {_fmt(v.get('p'), '.2g')}, "
                                 f"MDE {_fmt(v.get('mde'), '.3f')})" for k, v in jv.items())) + tail)
+    ov = {k: _d(v) for k, v in _d(a.get("joint_vs_solo_over_seeds")).items()}
+    if ov:
+        n_seeds = max(int(v.get("n_seeds") or 0) for v in ov.values())
+        sig = holm({k: _num(v.get("p")) for k, v in ov.items()})
+        out.append(f"* **The same, seed by seed** (each seed's mean difference over its pairs as one observation, "
+                   f"{n_seeds} seeds): "
+                   + "; ".join(f"{k} {_fmt(v.get('delta'), '+.3f')} ± {_fmt(v.get('se'), '.3f')} "
+                               f"(p = {_fmt(v.get('p'), '.2g')})" for k, v in ov.items())
+                   + (f"; significant on {', '.join(sig)} (Holm over the {len(ov)} scores)." if sig
+                      else "; no score differs significantly."))
     return out
+
+
+def _seeds_text(a: dict[str, Any]) -> str:
+    """'seed 0', or 'seeds 0-4 pooled' for the seeds autointerp ran on."""
+    seeds = a.get("seeds") or ([a["seed"]] if a.get("seed") is not None else [])
+    if len(seeds) > 1:
+        return f"seeds {', '.join(str(x) for x in seeds)} pooled"
+    return f"seed {seeds[0] if seeds else a.get('seed')}"
 
 
 def _counts_text(counts: dict[str, int], noun: str) -> str:
@@ -374,7 +392,7 @@ def render_block(summary: dict[str, Any], source: str) -> str:
             speed = ""
         by = (f"explainer `{a.get('explainer')}`, judge `{a.get('judge')}`"
               if a.get("explainer") and a.get("explainer") != a.get("judge") else f"judge `{a.get('judge')}`")
-        lines += ["", f"Autointerp (seed {a.get('seed')}, {by} via {a.get('backend')}{speed}):", "",
+        lines += ["", f"Autointerp ({_seeds_text(a)}, {by} via {a.get('backend')}{speed}):", "",
                   "| score | validation AUC, correct vs random (95% CI) | vs wrong | solo: real − random (95% CI) |",
                   "|---|---|---|---|"]
         cis, wr, vr = _d(a.get("validation_auc_ci")), _d(a.get("validation_auc_vs_wrong")), _d(a.get("vs_random"))
@@ -435,10 +453,13 @@ def seeds_needed(summary: dict[str, Any]) -> str:
 
 
 def autointerp_cost(summary: dict[str, Any], a: dict[str, Any]) -> str:
-    """One sentence: the autointerp notebook's time for the scored seed and where it went."""
+    """One sentence: the autointerp notebook's time for the scored seed (or seeds) and where it went."""
     seed = a.get("seed")
     st = _d(_d(summary.get("stages")).get("03_autointerp"))
     per = [e for e in st.get("per_execution") or [] if isinstance(e, dict)]
+    seeds = a.get("seeds") or []
+    if len(seeds) > 1:
+        return _autointerp_cost_seeds(a, per, seeds)
     stage = next((_num(e.get("seconds")) for e in per if e.get("seed") == seed and not e.get("part")), None)
     prep = [(e["part"], _num(e.get("seconds"))) for e in per if e.get("part") and _num(e.get("seconds")) is not None]
     val, pairs = _d(a.get("validation_speed")), _d(a.get("pairs_speed"))
@@ -463,6 +484,28 @@ def autointerp_cost(summary: dict[str, Any], a: dict[str, Any]) -> str:
         return head + "."
     where = "; ".join(parts)
     return head + (f" ({where})." if prep else f": {where}.")
+
+
+def _autointerp_cost_seeds(a: dict[str, Any], per: list[dict[str, Any]], seeds: list[Any]) -> str:
+    """The cost sentence of autointerp on several seeds: process time in all and per seed (the
+    validation set, once per run, shared among them), each seed's notebook, where the time went."""
+    nb = [sec for e in per if e.get("seed") in seeds and not e.get("part") and (sec := _num(e.get("seconds"))) is not None]
+    prep = [(e["part"], sec) for e in per if e.get("part") and (sec := _num(e.get("seconds"))) is not None]
+    val, pairs = _d(a.get("validation_speed")), _d(a.get("pairs_speed"))
+    parts = []
+    if _num(pairs.get("seconds")) is not None:
+        parts.append(f"the {a.get('n_pairs_scored')} pairs with every scorer and {a.get('n_pairs_embedding_only') or 0} "
+                     f"with the embedding scorer alone {_fmt(pairs.get('seconds'), '.0f')} s over the seeds "
+                     f"({pairs.get('n_requests')} requests to the explainer and judge)")
+    if _num(val.get("seconds")) is not None and val.get("n_requests"):
+        parts.append(f"the judge validation set {_fmt(val.get('seconds'), '.0f')} s")
+    if not nb:
+        return ("Autointerp: " + "; ".join(parts) + ".") if parts else ""
+    total = sum(nb) + sum(sec for _, sec in prep)
+    text = (f"Autointerp took {total:.0f} s of process time on {len(seeds)} seeds, {total / len(seeds) / 60:.1f} min "
+            f"a seed: each seed's notebook {min(nb):.0f}-{max(nb):.0f} s"
+            + "".join(f", and the {part} {sec:.0f} s once per run, as a task of its own" for part, sec in prep))
+    return text + (f" ({'; '.join(parts)})." if parts else ".")
 
 
 def _split(text: str) -> tuple[list[str], int | None, int | None]:

@@ -37,8 +37,11 @@ has) and writes ``<dest>/summary.json``:
 * ``grid_first_seed``: every SAE of the first seed against its solo;
 * ``synthetic_verdict``: the sentence of ``07_synthetic``'s verdict table;
 * ``autointerp``: the judge, its AUC on the validation set (``validation_auc``:
-  score -> correct vs random explanations) and ``vs_random`` (score -> real minus
-  random-explanation score on the solo SAE's latents, with its 95% CI).
+  score -> correct vs random explanations) and, over the matched pairs of every
+  seed with autointerp pooled (``seeds``), ``vs_random`` (score -> real minus
+  random-explanation score on the solo SAE's latents, with its 95% CI),
+  ``joint_vs_solo`` (paired over pairs) and ``joint_vs_solo_over_seeds`` (paired
+  over seeds).
 
 A number that cannot be computed (a missing key or file, fewer than two seeds
 for a spread) is ``null``, never an error.  Seeds are JSON object keys, so
@@ -409,19 +412,20 @@ def comparisons(out: Path, seeds: Sequence[int]) -> dict[str, Any]:
 
 def autointerp_block(out: Path, seeds: Sequence[int]) -> dict[str, Any] | None:
     """``judge``, ``validation_auc`` (score -> AUC of correct vs random explanations on the
-    validation set, with ``validation_auc_ci`` and ``validation_auc_vs_wrong``) and ``vs_random``
-    (score -> real minus random-explanation score on the solo SAE's latents: ``diff``,
-    ``ci_low``, ``ci_high``, ``n``, ``p``) of the first seed with autointerp; None without any."""
+    validation set, with ``validation_auc_ci`` and ``validation_auc_vs_wrong``), and, over the
+    matched pairs of every seed with autointerp pooled (``seeds``): ``vs_random`` (score -> real
+    minus random-explanation score on the solo SAE's latents: ``diff``, ``ci_low``, ``ci_high``,
+    ``n``, ``p``), ``joint_vs_solo`` (paired over the pooled pairs), ``joint_vs_solo_over_seeds``
+    (each seed's mean difference as one observation) and ``pairs_speed`` (seconds and requests
+    summed over the seeds, ``per_seed`` seconds); ``seed`` is the first of ``seeds``.  None
+    without any autointerp."""
+    from metasae.autointerp.run import pooled_pairs, summarize_over_seeds, summarize_pairs, summarize_vs_random
+
     val = _read(Path(out) / "autointerp" / "validation_summary.json")
-    per_seed = None
-    for s in seeds:
-        per_seed = _read(Path(out) / f"seed{s}" / "autointerp" / "summary.json")
-        if isinstance(per_seed, dict):
-            seed = s
-            break
-    if not isinstance(val, dict) and not isinstance(per_seed, dict):
+    pooled = pooled_pairs(out, seeds)
+    if not isinstance(val, dict) and pooled is None:
         return None
-    judge = (val or per_seed or {}).get("judge") if isinstance(val or per_seed, dict) else None
+    judge = (val if isinstance(val, dict) else {}).get("judge") or (pooled or {}).get("judge")
     vs = val.get("summary", {}) if isinstance(val, dict) else {}
     res: dict[str, Any] = {
         "judge": judge.get("model") if isinstance(judge, dict) else None,
@@ -433,14 +437,19 @@ def autointerp_block(out: Path, seeds: Sequence[int]) -> dict[str, Any] | None:
         "validation_auc_ci": {k: v.get("auc_vs_random_ci") for k, v in vs.items()},
         "validation_auc_vs_wrong": {k: _num(v.get("auc_vs_wrong")) for k, v in vs.items()},
         "validation_speed": val.get("speed") if isinstance(val, dict) else None,
-        "vs_random": None, "seed": None, "n_pairs_scored": None, "joint_vs_solo": None,
+        "vs_random": None, "seed": None, "seeds": [], "n_pairs_scored": None, "joint_vs_solo": None,
+        "joint_vs_solo_over_seeds": None,
     }
-    if isinstance(per_seed, dict):
-        res.update(seed=seed, n_pairs_scored=per_seed.get("n_pairs_scored"),
-                   n_pairs_embedding_only=per_seed.get("n_pairs_embedding_only", 0),
-                   pairs_speed=per_seed.get("speed"),
-                   vs_random=(per_seed.get("vs_random") or {}).get("solo"),
-                   joint_vs_solo=per_seed.get("summary"))
+    if pooled is not None:
+        speeds = {s: v for s, v in pooled["speed"].items() if isinstance(v, dict)}
+        res.update(seed=pooled["seeds"][0], seeds=pooled["seeds"], n_pairs_scored=pooled["n_pairs_scored"],
+                   n_pairs_embedding_only=pooled["n_pairs_embedding_only"], n_pairs_missing=pooled["n_missing"],
+                   pairs_speed={"seconds": sum(_num(v.get("seconds")) or 0.0 for v in speeds.values()),
+                                "n_requests": sum(int(v.get("n_requests") or 0) for v in speeds.values()),
+                                "per_seed": {str(s): _num(v.get("seconds")) for s, v in speeds.items()}},
+                   vs_random=summarize_vs_random(pooled["records_solo"]),
+                   joint_vs_solo=summarize_pairs(pooled["records_joint"], pooled["records_solo"]),
+                   joint_vs_solo_over_seeds=summarize_over_seeds(pooled) if len(pooled["seeds"]) > 1 else None)
     return res
 
 

@@ -36,7 +36,8 @@ import pandas as pd
 
 from metasae import paths, pipeline
 from metasae.aggregate import aggregate_rows, matched_reconstruction, paired_by_seed
-from metasae.report import format_tokens_axis, plot_phi_density, plot_phi_density_diff, save_figure, save_table
+from metasae.report import (format_tokens_axis, plot_autointerp_bars, plot_phi_density, plot_phi_density_diff,
+                            save_figure, save_table)
 
 ctx = pipeline.open_run(profile, out_dir, figures_dir, seeds)
 seed_list = ctx.profile.seeds
@@ -266,3 +267,47 @@ if len(ai):
                caption="Autointerp over seeds: per-seed mean scores on matched pairs, the joint - solo difference "
                        "(mean ± SE over seeds), and the solo latents' random-explanation mean (chance check)")
     display(pd.DataFrame(ai_rows))
+
+# %% [markdown]
+# ## Figure 2 over every seed's pairs
+# The matched pairs of every seed with autointerp, pooled: per score the mean of the solo and the
+# joint latents (95% t CI over pairs), each beside its random-explanation baseline (hatched). The
+# table gives the paired test over the pooled pairs and, with the seed as the unit of replication,
+# the mean of the seeds' differences with its SE and one-sample t test.
+
+# %%
+from metasae.autointerp.run import pooled_pairs, summarize_over_seeds, summarize_pairs, summarize_vs_random
+
+pooled = pooled_pairs(ctx.out, seed_list)
+if pooled is not None:
+    pj, ps = pooled["records_joint"], pooled["records_solo"]
+    by_pair = summarize_pairs(pj, ps)
+    over = summarize_over_seeds(pooled) if len(pooled["seeds"]) > 1 else {}
+    vs_rand = summarize_vs_random(ps)
+    pooled_rows = [{"score": k, "n_pairs": v["n_pairs"], "mean_solo": v["mean_solo"], "mean_joint": v["mean_joint"],
+                    "delta": v["delta"], "p_pairs": v["p"], "mde_pairs": v["mde"],
+                    "n_seeds": over.get(k, {}).get("n_seeds"), "delta_over_seeds": over.get(k, {}).get("delta"),
+                    "se_over_seeds": over.get(k, {}).get("se"), "p_over_seeds": over.get(k, {}).get("p"),
+                    "solo_real_minus_random": vs_rand.get(k, {}).get("diff"),
+                    "solo_real_minus_random_ci": [None if x is None else round(x, 4) for x in
+                                                  (vs_rand.get(k, {}).get("ci_low"), vs_rand.get(k, {}).get("ci_high"))]}
+                   for k, v in by_pair.items()]
+    joints = sorted(set(pooled["joint"].values()))
+    save_table(pooled_rows, "autointerp_pooled", ctx.out,
+               caption=f"Autointerp, {', '.join(joints)} vs solo over the matched pairs of seeds {pooled['seeds']} "
+                       f"pooled ({pooled['n_pairs_scored']} with every scorer, {pooled['n_pairs_embedding_only']} "
+                       "more with the embedding scorer alone): paired t over pairs (p_pairs, MDE), the seeds' "
+                       "mean differences (mean ± SE, one-sample t: p_over_seeds), and the solo latents' real minus "
+                       "random-explanation score (95% t CI)")
+    display(pd.DataFrame(pooled_rows))
+    bar_rows = [{"scorer": k, "joint": [r["scores"].get(k) for r in pj], "solo": [r["scores"].get(k) for r in ps],
+                 "joint_random": [r.get("random_scores", {}).get(k) for r in pj],
+                 "solo_random": [r.get("random_scores", {}).get(k) for r in ps]} for k in by_pair]
+    fig, ax = plt.subplots(figsize=(1.6 * len(bar_rows) + 2, 3.6))
+    ns = plot_autointerp_bars(ax, bar_rows)
+    ax.set_title(f"Figure 2, seeds {pooled['seeds']} pooled: {', '.join(joints)} vs solo over matched pairs")
+    fig.tight_layout()
+    save_figure(fig, "fig2_autointerp_pooled", ctx.figures,
+                caption=f"Figure 2 over seeds {pooled['seeds']}: mean autointerp score of joint and solo latents over "
+                        "the matched pairs of every seed (95% t CI over pairs), each beside its random-explanation "
+                        f"baseline (hatched); n pairs per score: {dict(zip(by_pair, ns))}")

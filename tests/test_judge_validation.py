@@ -359,7 +359,26 @@ def test_embedding_scorer_with_the_bundled_encoder():
     assert enc.encode(["a", "b"]).shape == (2, 384)
 
 
+def _seed_autointerp(out, seed, pairs, speed):
+    """What autointerp_seed leaves for one seed: summary.json and a record per latent.  ``pairs``:
+    (joint latent, solo latent, joint scores, solo scores, solo random scores)."""
+    from metasae.autointerp.run import RECORD_VERSION, record_path
+
+    adir = out / f"seed{seed}" / "autointerp"
+    adir.mkdir(parents=True)
+    (adir / "summary.json").write_text(json.dumps({
+        "joint": "joint_x", "judge": {"backend": "hf-local", "model": "qwen2.5-coder-1.5b"},
+        "n_pairs_scored": len(pairs), "n_pairs_embedding_only": 0, "speed": speed,
+        "pairs": [{"joint": a, "solo": b, "cosine": 0.9} for a, b, *_ in pairs]}))
+    for a, b, sj, ss, rs in pairs:
+        for name, lat, sc, rnd in (("joint_x", a, sj, {}), ("solo", b, ss, rs)):
+            path = record_path(adir, name, lat)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"version": RECORD_VERSION, "latent": lat, "scores": sc, "random_scores": rnd}))
+
+
 def test_summary_autointerp_block(tmp_path):
+    """The validation set, and every seed's matched pairs pooled: over latents and over seeds."""
     from metasae.summary import autointerp_block
 
     assert autointerp_block(tmp_path, [0]) is None
@@ -367,14 +386,29 @@ def test_summary_autointerp_block(tmp_path):
     (tmp_path / "autointerp" / "validation_summary.json").write_text(json.dumps({
         "judge": {"backend": "hf-local", "model": "qwen2.5-coder-1.5b"}, "latents": ["digits"],
         "summary": {"fuzz": {"auc_vs_random": 0.9, "auc_vs_random_ci": [0.8, 1.0], "auc_vs_wrong": 0.6}}}))
-    (tmp_path / "seed0" / "autointerp").mkdir(parents=True)
-    (tmp_path / "seed0" / "autointerp" / "summary.json").write_text(json.dumps({
-        "n_pairs_scored": 10, "summary": {}, "speed": {"seconds": 480.0, "n_requests": 1500},
-        "vs_random": {"solo": {"fuzz": {"diff": 0.1, "ci_low": 0.02, "ci_high": 0.18, "n": 10}}}}))
     b = autointerp_block(tmp_path, [0, 1])
-    assert b["judge"] == "qwen2.5-coder-1.5b" and b["validation_auc"] == {"fuzz": 0.9}
-    assert b["vs_random"]["fuzz"]["ci_low"] == 0.02 and b["seed"] == 0 and b["n_pairs_scored"] == 10
-    assert b["pairs_speed"] == {"seconds": 480.0, "n_requests": 1500}
+    assert b["judge"] == "qwen2.5-coder-1.5b" and b["validation_auc"] == {"fuzz": 0.9} and b["vs_random"] is None
+    _seed_autointerp(tmp_path, 0, [(1, 2, {"fuzz": 0.8}, {"fuzz": 0.6}, {"fuzz": 0.5}),
+                                   (3, 4, {"fuzz": 0.7}, {"fuzz": 0.7}, {"fuzz": 0.4})],
+                     {"seconds": 480.0, "n_requests": 1500})
+    one = autointerp_block(tmp_path, [0, 1])
+    assert one["seeds"] == [0] and one["seed"] == 0 and one["n_pairs_scored"] == 2
+    assert one["joint_vs_solo"]["fuzz"]["delta"] == pytest.approx(0.1) and one["joint_vs_solo_over_seeds"] is None
+    assert one["vs_random"]["fuzz"]["diff"] == pytest.approx(0.2) and one["vs_random"]["fuzz"]["n"] == 2
+    _seed_autointerp(tmp_path, 1, [(5, 6, {"fuzz": 0.9}, {"fuzz": 0.5}, {"fuzz": 0.5}),
+                                   (7, 8, {"fuzz": 0.6}, {"fuzz": 0.6}, {"fuzz": 0.6})],
+                     {"seconds": 20.0, "n_requests": 100})
+    # a record that is gone leaves its pair out, counted
+    (tmp_path / "seed1" / "autointerp" / "solo" / "latent_000008.json").unlink()
+    b = autointerp_block(tmp_path, [0, 1, 2])
+    assert b["seeds"] == [0, 1] and b["n_pairs_scored"] == 4 and b["n_pairs_missing"] == 1
+    assert b["pairs_speed"] == {"seconds": 500.0, "n_requests": 1600, "per_seed": {"0": 480.0, "1": 20.0}}
+    # pooled over the 3 pairs left: differences 0.2, 0.0, 0.4
+    assert b["joint_vs_solo"]["fuzz"]["n_pairs"] == 3 and b["joint_vs_solo"]["fuzz"]["delta"] == pytest.approx(0.2)
+    over = b["joint_vs_solo_over_seeds"]["fuzz"]
+    assert over["n_seeds"] == 2 and over["per_seed"] == {"0": pytest.approx(0.1), "1": pytest.approx(0.4)}
+    assert over["delta"] == pytest.approx(0.25) and over["se"] == pytest.approx(0.15) and over["p"] is not None
+    assert b["vs_random"]["fuzz"]["n"] == 3 and b["vs_random"]["fuzz"]["diff"] == pytest.approx(0.4 / 3)
 
 
 def test_harness_refuses_a_missing_judge_before_any_work(monkeypatch):

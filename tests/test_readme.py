@@ -288,5 +288,19 @@ def test_autointerp_block_and_verdicts() -> None:
     assert readme.holm({"a": 0.01, "b": 0.04, "c": 0.03}) == ["a"]
     assert readme.holm({"a": 0.03, "b": None}) == [] and readme.holm({"a": 0.02, "b": None}) == ["a"]
     assert readme.holm({}) == []
+    # autointerp on several seeds: pooled pairs, the time per seed, the test over seeds
+    pooled = {**AUTOINTERP, "seeds": [0, 1], "pairs_speed": {"seconds": 700.0, "n_requests": 950},
+              "joint_vs_solo_over_seeds": {"fuzz": {"delta": 0.03, "se": 0.02, "p": 0.37, "n_seeds": 2}}}
+    stages = {"03_autointerp": {"concurrency": 2, "per_execution": [
+        {"seed": None, "part": "judge validation", "seconds": 300.0}, {"seed": 0, "seconds": 360.0},
+        {"seed": 1, "seconds": 380.0}]}}
+    block = readme.render_block({**SUMMARY, "stages": stages, "autointerp": pooled}, "results/default/summary.json")
+    assert "Autointerp (seeds 0, 1 pooled, judge `qwen2.5-coder-1.5b`" in block
+    assert ("Autointerp took 1040 s of process time on 2 seeds, 8.7 min a seed: each seed's notebook 360-380 s, "
+            "and the judge validation 300 s once per run, as a task of its own (the 10 pairs with every scorer and "
+            "30 with the embedding scorer alone 700 s over the seeds (950 requests") in block
+    assert "(10 matched pairs, seeds 0, 1 pooled)" in block
+    assert "**The same, seed by seed** (each seed's mean difference over its pairs as one observation, 2 seeds): " \
+           "fuzz +0.030 ± 0.020 (p = 0.37); no score differs significantly." in block
     # no autointerp in the run: nothing about it, and no invented verdict
     assert "judge" not in readme.render_block(SUMMARY, "results/default/summary.json")

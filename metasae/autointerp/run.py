@@ -299,3 +299,74 @@ def _bar(enabled: bool):
     from tqdm.auto import tqdm
 
     return lambda it, **kw: tqdm(it, **kw)
+
+
+# ---------------------------------------------------------------------------
+# Pooled over seeds
+# ---------------------------------------------------------------------------
+
+
+def pooled_pairs(out: str | Path, seeds: Sequence[int]) -> dict[str, Any] | None:
+    """The matched pairs autointerp scored on each of ``seeds``, pooled (None when no seed has any).
+
+    Reads what :func:`metasae.pipeline.autointerp_seed` left under ``seed<s>/autointerp``: its
+    ``summary.json`` (the pairs, the joint run's name, the time taken) and the record of each
+    latent.  Returns ``seeds`` (those with a summary), ``pair_seed`` (each pair's seed),
+    ``records_joint`` / ``records_solo`` (pair k of each, seed after seed), ``n_pairs_scored`` and
+    ``n_pairs_embedding_only`` (sums), ``n_missing`` (pairs whose record is absent, left out),
+    ``joint`` (seed -> the joint run), ``speed`` (seed -> the seed's ``speed``) and ``judge`` (the
+    first seed's judge record)."""
+    from metasae.paths import seed_dir
+
+    res: dict[str, Any] = {"seeds": [], "pair_seed": [], "records_joint": [], "records_solo": [],
+                           "n_pairs_scored": 0, "n_pairs_embedding_only": 0, "n_missing": 0, "joint": {}, "speed": {}}
+    for s in seeds:
+        adir = seed_dir(Path(out), int(s)) / "autointerp"
+        try:
+            summ = json.loads((adir / "summary.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if not isinstance(summ, dict) or not summ.get("joint"):
+            continue
+        res["seeds"].append(int(s))
+        res["joint"][int(s)] = summ["joint"]
+        res["speed"][int(s)] = summ.get("speed")
+        res.setdefault("judge", summ.get("judge"))
+        res["n_pairs_scored"] += int(summ.get("n_pairs_scored") or 0)
+        res["n_pairs_embedding_only"] += int(summ.get("n_pairs_embedding_only") or 0)
+        for p in summ.get("pairs") or []:
+            rj, rs = _load(record_path(adir, summ["joint"], p["joint"])), _load(record_path(adir, "solo", p["solo"]))
+            if rj is None or rs is None:
+                res["n_missing"] += 1
+                continue
+            res["pair_seed"].append(int(s))
+            res["records_joint"].append(rj)
+            res["records_solo"].append(rs)
+    return res if res["seeds"] else None
+
+
+def summarize_over_seeds(pooled: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per score: the joint - solo difference of each seed's mean over its pairs (``per_seed``), their
+    mean, SE, ``n_seeds`` and the one-sample t test against 0 (``p``): the seed as the unit of
+    replication, beside :func:`summarize_pairs`'s pairs pooled over seeds."""
+    from scipy import stats
+
+    by_seed: dict[str, dict[int, float]] = {}
+    for s in pooled["seeds"]:
+        idx = [k for k, ps in enumerate(pooled["pair_seed"]) if ps == s]
+        summ = summarize_pairs([pooled["records_joint"][k] for k in idx], [pooled["records_solo"][k] for k in idx])
+        for scorer, v in summ.items():
+            if v.get("delta") is not None:
+                by_seed.setdefault(scorer, {})[s] = float(v["delta"])
+    out: dict[str, dict[str, Any]] = {}
+    for scorer, per in by_seed.items():
+        d = np.array(list(per.values()), dtype=float)
+        res: dict[str, Any] = {"per_seed": {str(k): v for k, v in per.items()}, "n_seeds": int(len(d)),
+                               "delta": float(d.mean()), "se": None, "p": None}
+        if len(d) >= 2:
+            se = float(d.std(ddof=1) / math.sqrt(len(d)))
+            res["se"] = se
+            if se > 1e-12 * max(1.0, abs(res["delta"])):
+                res["p"] = _num(stats.ttest_1samp(d, 0.0).pvalue)
+        out[scorer] = res
+    return out
