@@ -245,7 +245,7 @@ def autointerp_verdicts(a: dict[str, Any]) -> list[str]:
 
 
 def _seeds_text(a: dict[str, Any]) -> str:
-    """'seed 0', or 'seeds 0-4 pooled' for the seeds autointerp ran on."""
+    """'seed 0', or 'seeds 0, 1, 2 pooled' for the seeds autointerp ran on."""
     seeds = a.get("seeds") or ([a["seed"]] if a.get("seed") is not None else [])
     if len(seeds) > 1:
         return f"seeds {', '.join(str(x) for x in seeds)} pooled"
