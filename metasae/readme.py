@@ -461,15 +461,9 @@ def autointerp_cost(summary: dict[str, Any], a: dict[str, Any]) -> str:
     if len(seeds) > 1:
         return _autointerp_cost_seeds(a, per, seeds)
     stage = next((_num(e.get("seconds")) for e in per if e.get("seed") == seed and not e.get("part")), None)
-    prep = [(e["part"], _num(e.get("seconds"))) for e in per if e.get("part") and _num(e.get("seconds")) is not None]
-    val, pairs = _d(a.get("validation_speed")), _d(a.get("pairs_speed"))
-    parts = []
-    if _num(val.get("seconds")) is not None and val.get("n_requests"):
-        parts.append(f"the judge validation set {_fmt(val.get('seconds'), '.0f')} s (once per run)")
-    if _num(pairs.get("seconds")) is not None:
-        parts.append(f"the {a.get('n_pairs_scored')} pairs with every scorer and {a.get('n_pairs_embedding_only') or 0} "
-                     f"with the embedding scorer alone {_fmt(pairs.get('seconds'), '.0f')} s "
-                     f"({pairs.get('n_requests')} requests to the explainer and judge)")
+    prep = _tasks_of_their_own(per)
+    val_part, pairs_part = _where_autointerp_time_went(a)
+    parts = [x for x in (val_part and val_part + " (once per run)", pairs_part) if x]
     if stage is None and not parts:
         return ""
     if stage is not None and prep:
@@ -486,19 +480,31 @@ def autointerp_cost(summary: dict[str, Any], a: dict[str, Any]) -> str:
     return head + (f" ({where})." if prep else f": {where}.")
 
 
+def _tasks_of_their_own(per: list[dict[str, Any]]) -> list[tuple[str, float]]:
+    """(part, seconds) of the autointerp stage's executions that ran as tasks of their own (the
+    judge validation set under --jobs 2)."""
+    return [(e["part"], sec) for e in per if e.get("part") and (sec := _num(e.get("seconds"))) is not None]
+
+
+def _where_autointerp_time_went(a: dict[str, Any], pairs_suffix: str = "") -> tuple[str, str]:
+    """The validation set's and the pairs' seconds as phrases ('' where not recorded)."""
+    val, pairs = _d(a.get("validation_speed")), _d(a.get("pairs_speed"))
+    val_part = (f"the judge validation set {_fmt(val.get('seconds'), '.0f')} s"
+                if _num(val.get("seconds")) is not None and val.get("n_requests") else "")
+    pairs_part = (f"the {a.get('n_pairs_scored')} pairs with every scorer and {a.get('n_pairs_embedding_only') or 0} "
+                  f"with the embedding scorer alone {_fmt(pairs.get('seconds'), '.0f')} s{pairs_suffix} "
+                  f"({pairs.get('n_requests')} requests to the explainer and judge)"
+                  if _num(pairs.get("seconds")) is not None else "")
+    return val_part, pairs_part
+
+
 def _autointerp_cost_seeds(a: dict[str, Any], per: list[dict[str, Any]], seeds: list[Any]) -> str:
     """The cost sentence of autointerp on several seeds: process time in all and per seed (the
     validation set, once per run, shared among them), each seed's notebook, where the time went."""
     nb = [sec for e in per if e.get("seed") in seeds and not e.get("part") and (sec := _num(e.get("seconds"))) is not None]
-    prep = [(e["part"], sec) for e in per if e.get("part") and (sec := _num(e.get("seconds"))) is not None]
-    val, pairs = _d(a.get("validation_speed")), _d(a.get("pairs_speed"))
-    parts = []
-    if _num(pairs.get("seconds")) is not None:
-        parts.append(f"the {a.get('n_pairs_scored')} pairs with every scorer and {a.get('n_pairs_embedding_only') or 0} "
-                     f"with the embedding scorer alone {_fmt(pairs.get('seconds'), '.0f')} s over the seeds "
-                     f"({pairs.get('n_requests')} requests to the explainer and judge)")
-    if _num(val.get("seconds")) is not None and val.get("n_requests"):
-        parts.append(f"the judge validation set {_fmt(val.get('seconds'), '.0f')} s")
+    prep = _tasks_of_their_own(per)
+    val_part, pairs_part = _where_autointerp_time_went(a, " over the seeds")
+    parts = [x for x in (pairs_part, val_part) if x]
     if not nb:
         return ("Autointerp: " + "; ".join(parts) + ".") if parts else ""
     total = sum(nb) + sum(sec for _, sec in prep)

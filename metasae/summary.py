@@ -419,7 +419,7 @@ def autointerp_block(out: Path, seeds: Sequence[int]) -> dict[str, Any] | None:
     (each seed's mean difference as one observation) and ``pairs_speed`` (seconds and requests
     summed over the seeds, ``per_seed`` seconds); ``seed`` is the first of ``seeds``.  None
     without any autointerp."""
-    from metasae.autointerp.run import pooled_pairs, summarize_over_seeds, summarize_pairs, summarize_vs_random
+    from metasae.autointerp.run import pooled_pairs, summarize_pooled
 
     val = _read(Path(out) / "autointerp" / "validation_summary.json")
     pooled = pooled_pairs(out, seeds)
@@ -442,14 +442,14 @@ def autointerp_block(out: Path, seeds: Sequence[int]) -> dict[str, Any] | None:
     }
     if pooled is not None:
         speeds = {s: v for s, v in pooled["speed"].items() if isinstance(v, dict)}
+        stats = summarize_pooled(pooled)
         res.update(seed=pooled["seeds"][0], seeds=pooled["seeds"], n_pairs_scored=pooled["n_pairs_scored"],
                    n_pairs_embedding_only=pooled["n_pairs_embedding_only"], n_pairs_missing=pooled["n_missing"],
                    pairs_speed={"seconds": sum(_num(v.get("seconds")) or 0.0 for v in speeds.values()),
                                 "n_requests": sum(int(v.get("n_requests") or 0) for v in speeds.values()),
                                 "per_seed": {str(s): _num(v.get("seconds")) for s, v in speeds.items()}},
-                   vs_random=summarize_vs_random(pooled["records_solo"]),
-                   joint_vs_solo=summarize_pairs(pooled["records_joint"], pooled["records_solo"]),
-                   joint_vs_solo_over_seeds=summarize_over_seeds(pooled) if len(pooled["seeds"]) > 1 else None)
+                   vs_random=stats["vs_random"], joint_vs_solo=stats["joint_vs_solo"],
+                   joint_vs_solo_over_seeds=stats["over_seeds"])
     return res
 
 

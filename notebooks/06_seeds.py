@@ -276,14 +276,13 @@ if len(ai):
 # the mean of the seeds' differences with its SE and one-sample t test.
 
 # %%
-from metasae.autointerp.run import pooled_pairs, summarize_over_seeds, summarize_pairs, summarize_vs_random
+from metasae.autointerp.run import pooled_pairs, summarize_pooled
 
 pooled = pooled_pairs(ctx.out, seed_list)
 if pooled is not None:
     pj, ps = pooled["records_joint"], pooled["records_solo"]
-    by_pair = summarize_pairs(pj, ps)
-    over = summarize_over_seeds(pooled) if len(pooled["seeds"]) > 1 else {}
-    vs_rand = summarize_vs_random(ps)
+    stats = summarize_pooled(pooled)
+    by_pair, over, vs_rand = stats["joint_vs_solo"], stats["over_seeds"] or {}, stats["vs_random"]
     pooled_rows = [{"score": k, "n_pairs": v["n_pairs"], "mean_solo": v["mean_solo"], "mean_joint": v["mean_joint"],
                     "delta": v["delta"], "p_pairs": v["p"], "mde_pairs": v["mde"],
                     "n_seeds": over.get(k, {}).get("n_seeds"), "delta_over_seeds": over.get(k, {}).get("delta"),

@@ -370,3 +370,12 @@ def summarize_over_seeds(pooled: dict[str, Any]) -> dict[str, dict[str, Any]]:
                 res["p"] = _num(stats.ttest_1samp(d, 0.0).pvalue)
         out[scorer] = res
     return out
+
+
+def summarize_pooled(pooled: dict[str, Any]) -> dict[str, Any]:
+    """What :func:`pooled_pairs` supports: ``joint_vs_solo`` (:func:`summarize_pairs` over the pooled
+    pairs), ``over_seeds`` (:func:`summarize_over_seeds`; None with one seed) and ``vs_random``
+    (:func:`summarize_vs_random` on the solo latents)."""
+    return {"joint_vs_solo": summarize_pairs(pooled["records_joint"], pooled["records_solo"]),
+            "over_seeds": summarize_over_seeds(pooled) if len(pooled["seeds"]) > 1 else None,
+            "vs_random": summarize_vs_random(pooled["records_solo"])}
