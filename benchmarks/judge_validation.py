@@ -1,13 +1,16 @@
 """How good and how fast is an offline judge?  The judge validation set, measured.
 
     python benchmarks/judge_validation.py --cache outputs/default/activations \
-        --model qwen2.5-coder-1.5b [--n-latents 8] [--window 16] [--out benchmarks/results/judge_qwen15.json]
+        --model qwen2.5-coder-1.5b [--n-latents 8] [--window 16] [--int8] [--threads 1] \
+        [--out benchmarks/results/judge_qwen15.json]
 
 Builds the validation set (synthetic latents with known answers) from the cache's
 autointerp split with the default profile's autointerp settings, scores it with
 every scorer through the named hf-local judge (no request cache: every prompt is
 really run), and prints the AUC of correct vs random and vs wrong explanations per
 score, the seconds it took, the judge's prompt throughput and the load average.
+``--int8`` runs the judge's linear layers in int8 (``autointerp.local_int8``); ``--int8-keep``
+names layers (ends of module names, e.g. ``down_proj``) kept in bf16 besides the output layer.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ def main() -> None:
     p.add_argument("--n-latents", type=int, default=0, help="synthetic latents (default: the profile's)")
     p.add_argument("--window", type=int, default=0, help="tokens per example window (default: the profile's)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--int8", action="store_true", help="the judge's linear layers in int8 (autointerp.local_int8)")
+    p.add_argument("--int8-keep", default="", help="with --int8: comma-separated layers kept in bf16 (e.g. down_proj)")
     p.add_argument("--out", default="")
     a = p.parse_args()
 
@@ -56,7 +61,13 @@ def main() -> None:
     t0 = time.time()
     ctxs = build_validation_contexts(cache.tokens("autointerp").numpy(), cache.mask("autointerp").numpy(), cfg, 0,
                                      tok, n_latents=n_lat)
-    client = HFLocalClient(model)
+    keep = tuple(x for x in a.int8_keep.split(",") if x)
+    client = HFLocalClient(model, int8=a.int8 and not keep)
+    if a.int8 and keep:  # int8 but for the named layers (and the output layer, as local_int8)
+        from metasae.autointerp.int8 import quantize_linears
+
+        quantize_linears(client.model, skip=("lm_head", *keep))
+        client.model_id = f"{client.model_id}+int8 ({', '.join(keep)} in bf16)"
     n_prompts, n_tokens = 0, 0
     inner = client.generate_batch
 
@@ -84,7 +95,7 @@ def main() -> None:
         inner(batch, 1, 0.0, True)
         timing["shared" if share else "whole"] = time.perf_counter() - t2
     client.share_prefix = True
-    res = {"judge": model, "window": cfg.window, "shared_prefix_speedup": timing["whole"] / timing["shared"], "prefix_timing_s": timing, "profile": prof.name, "latents": list(ctxs), "n_prompts": n_prompts,
+    res = {"judge": client.model_id, "int8": a.int8, "int8_keep": list(keep), "window": cfg.window, "shared_prefix_speedup": timing["whole"] / timing["shared"], "prefix_timing_s": timing, "profile": prof.name, "latents": list(ctxs), "n_prompts": n_prompts,
            "prompt_tokens": n_tokens, "score_seconds": t_score, "prompts_per_s": n_prompts / t_score,
            "prompt_tokens_per_s": n_tokens / t_score, "threads": a.threads,
            "summary": summarize_validation(recs), "n_failed": sum(r["n_failed"] for r in recs),

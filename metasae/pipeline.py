@@ -639,10 +639,10 @@ def _contexts_for(ctx: RunContext, seed: int, name: str, latents: list[int], cac
 def judge_client(ctx: RunContext, role: str = "judge"):
     """The profile's judge or explainer (``role``), behind the run's on-disk request cache; each model is
     loaded once per process (one client when the explainer judges too)."""
-    from metasae.autointerp.llm import make_client, role_model
+    from metasae.autointerp.llm import make_client, model_label
 
     cfg = ctx.profile.autointerp
-    keys = {r: (str(ctx.out), cfg.backend, role_model(cfg, r), cfg.base_url) for r in ("explainer", "judge")}
+    keys = {r: (str(ctx.out), cfg.backend, model_label(cfg, r), cfg.base_url) for r in ("explainer", "judge")}
     if keys[role] not in _JUDGES:
         for old in [k for k in _JUDGES if k not in keys.values()]:  # only this profile's models stay in memory
             del _JUDGES[old]
@@ -655,9 +655,9 @@ _JUDGES: dict[tuple[str, ...], Any] = {}
 
 def judge_info(cfg: Any) -> dict[str, str]:
     """What a summary records of who explained and who judged."""
-    from metasae.autointerp.llm import role_model
+    from metasae.autointerp.llm import model_label
 
-    return {"backend": cfg.backend, "model": role_model(cfg, "judge"), "explainer": role_model(cfg, "explainer")}
+    return {"backend": cfg.backend, "model": model_label(cfg, "judge"), "explainer": model_label(cfg, "explainer")}
 
 
 def judge_validation(ctx: RunContext, seed: int = 0, progress: bool = True) -> dict[str, Any]:
@@ -730,10 +730,12 @@ def autointerp_seed(ctx: RunContext, seed: int, joint: str | None = None, progre
 
     misses0 = misses()
     adir = paths.seed_dir(ctx.out, seed) / "autointerp"
+    clock: dict[str, float] = {}  # seconds in the explainer's batches and in the scorers (score_latents)
     rec_j = score_latents(joint, lj, ctx_j, client, cfg, adir, seed=seed, progress=progress,
-                          random_baseline=cfg.random_baseline_joint, embedding_only=lj[n:], judge=judge)
+                          random_baseline=cfg.random_baseline_joint, embedding_only=lj[n:], judge=judge,
+                          timings=clock)
     rec_s = score_latents("solo", ls, ctx_s, client, cfg, adir, seed=seed, progress=progress,
-                          embedding_only=ls[n:], judge=judge)
+                          embedding_only=ls[n:], judge=judge, timings=clock)
     summary = summarize_pairs(rec_j, rec_s)
     out = {"joint": joint, "judge": judge_info(cfg),
            "n_matched_alive": len(match), "n_pairs_eligible": int(len(eligible)), "n_pairs_scored": n,
@@ -742,8 +744,11 @@ def autointerp_seed(ctx: RunContext, seed: int, joint: str | None = None, progre
            "records_joint": rec_j, "records_solo": rec_s, "summary": summary,
            "vs_random": {"solo": summarize_vs_random(rec_s), "joint": summarize_vs_random(rec_j)},
            "n_failed": count_failed(rec_j) + count_failed(rec_s),
-           # contexts, explanations and scores of this call; requests really sent (not cached ones)
-           "speed": {"seconds": time.perf_counter() - t0, "n_requests": misses() - misses0,
+           # contexts, explanations and scores of this call; requests really sent (not cached ones);
+           # where the seconds went: the explainer, the scorers, and the rest (contexts, loading the models)
+           "speed": {"seconds": (seconds := time.perf_counter() - t0), "n_requests": misses() - misses0,
+                     "explain_s": clock["explain_s"], "n_explained": int(clock["n_explained"]),
+                     "score_s": clock["score_s"], "other_s": seconds - clock["explain_s"] - clock["score_s"],
                      "loadavg": list(os.getloadavg())}}
     atomic_write_json(adir / "summary.json", {k: v for k, v in out.items() if not k.startswith("records")})
     return out

@@ -493,9 +493,18 @@ def _where_autointerp_time_went(a: dict[str, Any], pairs_suffix: str = "") -> tu
                 if _num(val.get("seconds")) is not None and val.get("n_requests") else "")
     pairs_part = (f"the {a.get('n_pairs_scored')} pairs with every scorer and {a.get('n_pairs_embedding_only') or 0} "
                   f"with the embedding scorer alone {_fmt(pairs.get('seconds'), '.0f')} s{pairs_suffix} "
-                  f"({pairs.get('n_requests')} requests to the explainer and judge)"
+                  f"({pairs.get('n_requests')} requests to the explainer and judge{_phases_text(pairs)})"
                   if _num(pairs.get("seconds")) is not None else "")
     return val_part, pairs_part
+
+
+def _phases_text(speed: dict[str, Any]) -> str:
+    """', of which N explanations X s, the scorers Y s and the rest Z s' where the phases were recorded."""
+    ex, sc, other, n = (_num(speed.get(k)) for k in ("explain_s", "score_s", "other_s", "n_explained"))
+    if ex is None or sc is None or other is None or n is None:
+        return ""
+    return (f"; of these seconds, generating the {n:.0f} explanations took {ex:.0f}, the scorers {sc:.0f} and "
+            f"the rest (contexts, loading the models) {other:.0f}")
 
 
 def _autointerp_cost_seeds(a: dict[str, Any], per: list[dict[str, Any]], seeds: list[Any]) -> str:

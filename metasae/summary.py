@@ -41,7 +41,8 @@ has) and writes ``<dest>/summary.json``:
   seed with autointerp pooled (``seeds``), ``vs_random`` (score -> real minus
   random-explanation score on the solo SAE's latents, with its 95% CI),
   ``joint_vs_solo`` (paired over pairs) and ``joint_vs_solo_over_seeds`` (paired
-  over seeds).
+  over seeds), and ``pairs_speed``: the seconds and requests of every seed's pairs,
+  with where the seconds went (the explainer, the scorers, the rest) when recorded.
 
 A number that cannot be computed (a missing key or file, fewer than two seeds
 for a spread) is ``null``, never an error.  Seeds are JSON object keys, so
@@ -410,14 +411,34 @@ def comparisons(out: Path, seeds: Sequence[int]) -> dict[str, Any]:
     return res
 
 
+PHASES = ("explain_s", "score_s", "other_s", "n_explained")
+"""Where a seed's autointerp seconds went (``pipeline.autointerp_seed``'s ``speed``): the explainer, the
+scorers, the rest (contexts, loading the models); and how many explanations were generated."""
+
+
+def pooled_speed(speeds: dict[Any, dict[str, Any]]) -> dict[str, Any]:
+    """The seeds' autointerp ``speed`` records summed: ``seconds``, ``n_requests``, ``per_seed`` seconds,
+    and each of :data:`PHASES` where every seed recorded it (runs before it was recorded have none)."""
+    res: dict[str, Any] = {"seconds": sum(_num(v.get("seconds")) or 0.0 for v in speeds.values()),
+                           "n_requests": sum(int(v.get("n_requests") or 0) for v in speeds.values()),
+                           "per_seed": {str(s): _num(v.get("seconds")) for s, v in speeds.items()}}
+    for key in PHASES:
+        vals = [_num(v.get(key)) for v in speeds.values()]
+        if vals and all(x is not None for x in vals):
+            total = sum(x for x in vals if x is not None)
+            res[key] = int(total) if key.startswith("n_") else total
+    return res
+
+
 def autointerp_block(out: Path, seeds: Sequence[int]) -> dict[str, Any] | None:
     """``judge``, ``validation_auc`` (score -> AUC of correct vs random explanations on the
     validation set, with ``validation_auc_ci`` and ``validation_auc_vs_wrong``), and, over the
     matched pairs of every seed with autointerp pooled (``seeds``): ``vs_random`` (score -> real
     minus random-explanation score on the solo SAE's latents: ``diff``, ``ci_low``, ``ci_high``,
     ``n``, ``p``), ``joint_vs_solo`` (paired over the pooled pairs), ``joint_vs_solo_over_seeds``
-    (each seed's mean difference as one observation) and ``pairs_speed`` (seconds and requests
-    summed over the seeds, ``per_seed`` seconds); ``seed`` is the first of ``seeds``.  None
+    (each seed's mean difference as one observation) and ``pairs_speed`` (:func:`pooled_speed`:
+    seconds and requests summed over the seeds, ``per_seed`` seconds, and where they went);
+    ``seed`` is the first of ``seeds``.  None
     without any autointerp."""
     from metasae.autointerp.run import pooled_pairs, summarize_pooled
 
@@ -445,9 +466,7 @@ def autointerp_block(out: Path, seeds: Sequence[int]) -> dict[str, Any] | None:
         stats = summarize_pooled(pooled)
         res.update(seed=pooled["seeds"][0], seeds=pooled["seeds"], n_pairs_scored=pooled["n_pairs_scored"],
                    n_pairs_embedding_only=pooled["n_pairs_embedding_only"], n_pairs_missing=pooled["n_missing"],
-                   pairs_speed={"seconds": sum(_num(v.get("seconds")) or 0.0 for v in speeds.values()),
-                                "n_requests": sum(int(v.get("n_requests") or 0) for v in speeds.values()),
-                                "per_seed": {str(s): _num(v.get("seconds")) for s, v in speeds.items()}},
+                   pairs_speed=pooled_speed(speeds),
                    vs_random=stats["vs_random"], joint_vs_solo=stats["joint_vs_solo"],
                    joint_vs_solo_over_seeds=stats["over_seeds"])
     return res

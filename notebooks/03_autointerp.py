@@ -52,15 +52,15 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from metasae import pipeline
-from metasae.autointerp.llm import role_model
+from metasae.autointerp.llm import model_label
 from metasae.report import (MIN_DENSITY_PAIRS, plot_autointerp_bars, plot_score_density_diff, plot_validation_auc,
                             save_figure, save_table)
 
 ctx = pipeline.open_run(profile, out_dir, figures_dir)
 cfg = ctx.profile.autointerp
 run_it = cfg.seed_only < 0 or cfg.seed_only == seed
-judge_name = role_model(cfg, "judge")
-print(f"explainer: {cfg.backend} / {cfg.model}; judge: {judge_name}; scorers: {cfg.scorers}; "
+judge_name = model_label(cfg, "judge")
+print(f"explainer: {cfg.backend} / {model_label(cfg)}; judge: {judge_name}; scorers: {cfg.scorers}; "
       f"autointerp for this seed: {run_it}")
 
 # %% [markdown]

@@ -416,6 +416,31 @@ def test_a_separate_judge_scores_what_the_explainer_explained(ctx0, tmp_path):
     assert solo_client.calls == 41
 
 
+def test_score_latents_says_where_its_time_went(ctx0, tmp_path):
+    """``timings``: the explainer's seconds and the scorers' are added (over calls), with the number of
+    explanations generated; a latent reused from its record adds nothing."""
+    import time as _time
+
+    class Slow(FakeClient):
+        def generate(self, messages, max_new_tokens, temperature=0.0, want_logprobs=False):
+            _time.sleep(0.05 if max_new_tokens > 1 else 0.002)  # explanations cost more than one-token answers
+            return super().generate(messages, max_new_tokens, temperature, want_logprobs)
+
+    cfg = small_cfg(scorers=["fuzz", "detection"])
+    clock: dict = {}
+    score_latents("solo", [0, 1], {0: ctx0, 1: ctx0}, Slow(), cfg, tmp_path, progress=False, timings=clock)
+    assert clock["n_explained"] == 2 and clock["explain_s"] >= 0.05
+    assert clock["score_s"] >= 0.002 * 80  # 2 latents x (fuzz + detection) x (real + random) x 10 prompts
+    first = dict(clock)
+    score_latents("joint", [0], {0: ctx0}, Slow(), cfg, tmp_path, progress=False, timings=clock)
+    assert clock["n_explained"] == 3 and clock["explain_s"] > first["explain_s"]
+    assert clock["score_s"] > first["score_s"]
+    # every record complete: nothing generated, nothing scored, nothing added
+    again: dict = {}
+    score_latents("solo", [0, 1], {0: ctx0, 1: ctx0}, Slow(), cfg, tmp_path, progress=False, timings=again)
+    assert again == {"explain_s": 0.0, "score_s": 0.0, "n_explained": 0}
+
+
 def test_role_model_names_the_judge_and_the_explainer():
     from metasae.autointerp.llm import role_model
     from metasae.config import AutointerpConfig

@@ -390,7 +390,8 @@ def test_summary_autointerp_block(tmp_path):
     assert b["judge"] == "qwen2.5-coder-1.5b" and b["validation_auc"] == {"fuzz": 0.9} and b["vs_random"] is None
     _seed_autointerp(tmp_path, 0, [(1, 2, {"fuzz": 0.8}, {"fuzz": 0.6}, {"fuzz": 0.5}),
                                    (3, 4, {"fuzz": 0.7}, {"fuzz": 0.7}, {"fuzz": 0.4})],
-                     {"seconds": 480.0, "n_requests": 1500})
+                     {"seconds": 480.0, "n_requests": 1500, "explain_s": 200.0, "score_s": 250.0, "other_s": 30.0,
+                      "n_explained": 20})
     one = autointerp_block(tmp_path, [0, 1])
     assert one["seeds"] == [0] and one["seed"] == 0 and one["n_pairs_scored"] == 2
     assert one["joint_vs_solo"]["fuzz"]["delta"] == pytest.approx(0.1) and one["joint_vs_solo_over_seeds"] is None
@@ -402,7 +403,10 @@ def test_summary_autointerp_block(tmp_path):
     (tmp_path / "seed1" / "autointerp" / "solo" / "latent_000008.json").unlink()
     b = autointerp_block(tmp_path, [0, 1, 2])
     assert b["seeds"] == [0, 1] and b["n_pairs_scored"] == 4 and b["n_pairs_missing"] == 1
+    # seed 1's record predates the phases: the sums say nothing of where the time went
     assert b["pairs_speed"] == {"seconds": 500.0, "n_requests": 1600, "per_seed": {"0": 480.0, "1": 20.0}}
+    assert one["pairs_speed"] == {"seconds": 480.0, "n_requests": 1500, "per_seed": {"0": 480.0}, "explain_s": 200.0,
+                                  "score_s": 250.0, "other_s": 30.0, "n_explained": 20}
     # pooled over the 3 pairs left: differences 0.2, 0.0, 0.4
     assert b["joint_vs_solo"]["fuzz"]["n_pairs"] == 3 and b["joint_vs_solo"]["fuzz"]["delta"] == pytest.approx(0.2)
     over = b["joint_vs_solo_over_seeds"]["fuzz"]

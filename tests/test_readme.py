@@ -300,6 +300,12 @@ def test_autointerp_block_and_verdicts() -> None:
             "and the judge validation 300 s once per run, as a task of its own (the 10 pairs with every scorer and "
             "30 with the embedding scorer alone 700 s over the seeds (950 requests") in block
     assert "(10 matched pairs, seeds 0, 1 pooled)" in block
+    # where the pairs' seconds went, when the run recorded it
+    timed = {**pooled, "pairs_speed": {"seconds": 700.0, "n_requests": 950, "explain_s": 320.4, "score_s": 350.0,
+                                       "other_s": 29.6, "n_explained": 38}}
+    block = readme.render_block({**SUMMARY, "stages": stages, "autointerp": timed}, "results/default/summary.json")
+    assert ("700 s over the seeds (950 requests to the explainer and judge; of these seconds, generating the 38 "
+            "explanations took 320, the scorers 350 and the rest (contexts, loading the models) 30)") in block
     assert "**The same, seed by seed** (each seed's mean difference over its pairs as one observation, 2 seeds): " \
            "fuzz +0.030 ± 0.020 (p = 0.37); no score differs significantly." in block
     # no autointerp in the run: nothing about it, and no invented verdict

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -83,8 +84,13 @@ def _is_final(rec: dict[str, Any] | None, scorers: Sequence[str]) -> bool:
 def score_latents(sae_name: str, latents: Sequence[int], contexts: dict[int, LatentContexts], client: Any,
                   cfg: Any, out_dir: str | Path, scorers: Sequence[str] | None = None, *, seed: int = 0,
                   random_baseline: bool = True, progress: bool = True,
-                  embedding_only: Sequence[int] = (), judge: Any = None) -> list[dict[str, Any]]:
+                  embedding_only: Sequence[int] = (), judge: Any = None,
+                  timings: dict[str, float] | None = None) -> list[dict[str, Any]]:
     """Explanation, scores and random-explanation scores for each latent, one record per latent.
+
+    ``timings``, when given, gets the seconds spent here added to its ``explain_s`` (the
+    explainer's batches) and ``score_s`` (every scorer, the random explanations' included), and
+    the explanations generated to ``n_explained``.
 
     The latents in ``embedding_only`` are scored by the scorers that need no judge (the
     embedding scorer) and nothing else; their other scores are absent, not missing.
@@ -105,6 +111,9 @@ def score_latents(sae_name: str, latents: Sequence[int], contexts: dict[int, Lat
     records: dict[int, dict[str, Any]] = {}
     token_counts, explain_context = prompt_settings(cfg)
     cheap = {int(i) for i in embedding_only}
+    clock = timings if timings is not None else {}
+    for key in ("explain_s", "score_s", "n_explained"):
+        clock.setdefault(key, 0.0 if key.endswith("_s") else 0)
 
     def scorers_of(i: int) -> list[str]:
         return [s for s in scorers if s in JUDGE_FREE_SCORERS] if i in cheap else scorers
@@ -116,7 +125,11 @@ def score_latents(sae_name: str, latents: Sequence[int], contexts: dict[int, Lat
     def explain_pending() -> None:
         if not pending:
             return
-        for j, expl in zip(pending, explain_latents(client, [contexts[j] for j in pending], cfg)):
+        t = time.perf_counter()
+        answers = explain_latents(client, [contexts[j] for j in pending], cfg)
+        clock["explain_s"] += time.perf_counter() - t
+        clock["n_explained"] += len(pending)
+        for j, expl in zip(pending, answers):
             rec = records[j]
             if isinstance(expl, LLMFailure):
                 rec["explain_failed"] = True
@@ -185,6 +198,7 @@ def score_latents(sae_name: str, latents: Sequence[int], contexts: dict[int, Lat
             others = sorted(j for j in pool if j != i)
             cands = [(pool[j], f"latent {j}") for j in others] + [(e, "pool") for e in RANDOM_EXPLANATIONS]
             rec["random_explanation"], rec["random_source"] = cands[int(rrng.integers(len(cands)))]
+        t_score = time.perf_counter()
         for s in scorers_of(i):
             res = SCORERS[s](scorer_client, expl, ctx, np.random.default_rng([seed, i, 2]), cfg)
             rec["scores"][s] = res["score"]
@@ -204,6 +218,7 @@ def score_latents(sae_name: str, latents: Sequence[int], contexts: dict[int, Lat
                 if rres.get("failed"):
                     rec["n_failed"] += 1
                     rec["errors"].append(f"{s} (random): {rres.get('error', '')}")
+        clock["score_s"] += time.perf_counter() - t_score
         rec["complete"] = True
         atomic_write_json(record_path(out_dir, sae_name, i), rec)
     return [records[i] for i in latents]
