@@ -53,6 +53,33 @@ def test_int8_linear_scales_each_token_alone():
     assert q(xb).shape == (2, 5, 64) and q(xb).dtype == torch.bfloat16
 
 
+def test_int8_linear_buffers_kept_between_calls_change_nothing():
+    """The scratch buffers reused from call to call (grown, then narrowed): every call equals the
+    plain formula, whatever came before, and the output never shares their memory."""
+    from metasae.autointerp import int8
+
+    def plain(q, x):
+        x2 = x.reshape(-1, x.shape[-1]).float()
+        s = x2.abs().amax(dim=1, keepdim=True).clamp_min_(1e-12).div_(127.0)
+        xq = torch.div(x2, s).round_().to(torch.int8)
+        y = torch._int_mm(xq, q.weight_t).to(x.dtype).mul_(s.to(x.dtype)).mul_(q.weight_scale.to(x.dtype))
+        y = y if q.bias is None else y.add_(q.bias.to(y.dtype))
+        return y.reshape(*x.shape[:-1], q.out_features)
+
+    g = torch.Generator().manual_seed(2)
+    layers = {(48, 40): Int8Linear(torch.nn.Linear(48, 40)), (40, 100): Int8Linear(torch.nn.Linear(40, 100, bias=False))}
+    outs = []
+    for (k, n), m, dtype in [((48, 40), 50, torch.bfloat16), ((40, 100), 3, torch.bfloat16), ((48, 40), 7, torch.float32),
+                             ((40, 100), 80, torch.bfloat16), ((48, 40), 1, torch.bfloat16)]:
+        x = (torch.randn(m, k, generator=g) * 4).to(dtype)
+        x[:, 2] *= 50
+        y = layers[(k, n)](x)
+        assert torch.equal(y, plain(layers[(k, n)], x))
+        assert all(y.data_ptr() != b.data_ptr() for b in int8._WORKSPACE.values())
+        outs.append((y, y.clone()))
+    assert all(torch.equal(a, b) for a, b in outs)  # later calls did not write over earlier outputs
+
+
 def test_quantize_linears_keeps_the_output_layer():
     from metasae.activations.models import load_model
 
