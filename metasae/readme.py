@@ -499,7 +499,8 @@ def _where_autointerp_time_went(a: dict[str, Any], pairs_suffix: str = "") -> tu
 
 
 def _phases_text(speed: dict[str, Any]) -> str:
-    """', of which N explanations X s, the scorers Y s and the rest Z s' where the phases were recorded."""
+    """'; of these seconds, generating the N explanations took X, the scorers Y and the rest (...) Z' where
+    the phases were recorded; '' otherwise."""
     ex, sc, other, n = (_num(speed.get(k)) for k in ("explain_s", "score_s", "other_s", "n_explained"))
     if ex is None or sc is None or other is None or n is None:
         return ""

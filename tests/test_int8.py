@@ -89,6 +89,9 @@ def test_quantize_linears_keeps_the_output_layer():
     assert replaced == n_linear - 1  # every linear layer but lm_head
     assert isinstance(model.lm_head, torch.nn.Linear) and not isinstance(model.lm_head, Int8Linear)
     assert sum(isinstance(m, Int8Linear) for m in model.modules()) == replaced
+    meta = torch.nn.Sequential(torch.nn.Linear(4, 4, device="meta"))
+    with pytest.raises(ValueError, match="the int8 layers run on a CPU"):
+        quantize_linears(meta)
 
 
 def test_int8_judge_answers_close_to_float_and_is_named_apart():

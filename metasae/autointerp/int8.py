@@ -61,7 +61,8 @@ class Int8Linear(nn.Module):
 
 _WORKSPACE: dict[str, torch.Tensor] = {}
 """Scratch buffers of :meth:`Int8Linear.forward`, by use, grown to the largest call so far (one
-process runs one judge: its layers use them one after the other, never at once)."""
+process runs one judge: its layers use them one after the other, never at once).  With the 1.5B
+judge and 8 explainer prompts of ~1,000 tokens they hold about 650 MB for the process's life."""
 
 
 def _workspace(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -75,6 +76,9 @@ def quantize_linears(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> 
     """Every ``nn.Linear`` of ``model`` replaced in place by an :class:`Int8Linear`, except modules whose
     name ends with one of ``skip`` (the output layer: a judge reads one position of it per prompt).
     Returns how many were replaced."""
+    devices = {p.device.type for p in model.parameters()}
+    if devices - {"cpu"}:
+        raise ValueError(f"local_int8: the int8 layers run on a CPU, and this model is on {sorted(devices - {'cpu'})}")
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.endswith(skip)]
     for name in names:
         parent_name, _, child = name.rpartition(".")
