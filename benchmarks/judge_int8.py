@@ -86,25 +86,22 @@ def real_inputs(llm_cache: Path, tokens: int) -> dict:
         if len(ids) >= tokens:
             break
     layer = model.model.layers[len(model.model.layers) // 2]
-    mods = {"q_proj / o_proj": (layer.self_attn.q_proj, layer.self_attn.o_proj),
-            "k_proj / v_proj": (layer.self_attn.k_proj,), "gate / up_proj": (layer.mlp.gate_proj,),
-            "down_proj": (layer.mlp.down_proj,)}
+    # one layer per shape, with its own input (q_proj stands for o_proj: both 1536 x 1536)
+    mods = {"q_proj / o_proj": layer.self_attn.q_proj, "k_proj / v_proj": layer.self_attn.k_proj,
+            "gate / up_proj": layer.mlp.gate_proj, "down_proj": layer.mlp.down_proj}
     seen: dict = {}
 
-    def keep(key):
+    def keep(name):
         def hook(mod, args):
-            seen[key] = args[0][0].float().clone()  # returns None: the input goes on unchanged
+            seen[name] = args[0][0].float().clone()  # returns None: the input goes on unchanged
         return hook
-    hooks = [m.register_forward_pre_hook(keep((name, m))) for name, ms in mods.items() for m in ms]
+    hooks = [m.register_forward_pre_hook(keep(name)) for name, m in mods.items()]
     with torch.no_grad():
         model(input_ids=torch.tensor([ids[:tokens]]))
     for h in hooks:
         h.remove()
-    out = {}
-    for name, ms in mods.items():
-        m = ms[0]  # q_proj's shape stands for o_proj's (both 1536 x 1536), with its own input
-        x = seen[(name, m)]
-        out[name] = (x, m.weight.detach().float(), None if m.bias is None else m.bias.detach().float())
+    out = {name: (seen[name], m.weight.detach().float(), None if m.bias is None else m.bias.detach().float())
+           for name, m in mods.items()}
     return {"layers": out, "prompt_tokens": min(tokens, len(ids)),
             "input_abs_max_over_median": {k: float(v[0].abs().max() / v[0].abs().median()) for k, v in out.items()}}
 

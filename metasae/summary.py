@@ -424,8 +424,8 @@ def pooled_speed(speeds: dict[Any, dict[str, Any]]) -> dict[str, Any]:
                            "per_seed": {str(s): _num(v.get("seconds")) for s, v in speeds.items()}}
     for key in PHASES:
         vals = [_num(v.get(key)) for v in speeds.values()]
-        if vals and all(x is not None for x in vals):
-            total = sum(x for x in vals if x is not None)
+        if vals and None not in vals:
+            total = sum(vals)  # type: ignore[arg-type]
             res[key] = int(total) if key.startswith("n_") else total
     return res
 
