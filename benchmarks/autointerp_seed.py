@@ -13,7 +13,8 @@ contexts and loading the models), the requests, the prompt tokens per kind of re
 (explanations, one-token judge answers: counted on the prompts as sent, shared prefixes
 included), and the load average.  Compare with the run's own record of that seed
 (``<run>/seed<N>/autointerp/summary.json``) only on the same kind of CPU.  ``--int8`` runs
-the explainer's and judge's linear layers in int8 (``autointerp.local_int8``).
+the explainer's and judge's linear layers in int8 (``autointerp.local_int8``), ``--int8-keep``
+names those kept in bf16 (``autointerp.int8_keep``, e.g. ``down_proj``).
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--threads", type=int, default=1, help="torch threads (run_all.sh: 1 per process)")
     p.add_argument("--int8", action="store_true", help="autointerp.local_int8: linear layers in int8")
+    p.add_argument("--int8-keep", default=None,
+                   help="with --int8: comma-separated layers kept in bf16 (autointerp.int8_keep; default: the profile's)")
     p.add_argument("--out", default="")
     a = p.parse_args()
     run = Path(a.run)
@@ -79,12 +82,13 @@ def main() -> None:
         linked_copy(run, out, a.seed)
         ctx = pipeline.open_run(a.profile, out, Path(tmp) / "figures")
         if a.int8:
-            ctx.profile.autointerp = dataclasses.replace(ctx.profile.autointerp, local_int8=True)
+            keep = ctx.profile.autointerp.int8_keep if a.int8_keep is None else [x for x in a.int8_keep.split(",") if x]
+            ctx.profile.autointerp = dataclasses.replace(ctx.profile.autointerp, local_int8=True, int8_keep=keep)
         torch.set_num_threads(a.threads)
         before = (run / f"seed{a.seed}" / "autointerp" / "summary.json").read_text()
         res = pipeline.autointerp_seed(ctx, a.seed, progress=False)
     recorded = json.loads(before).get("speed", {})
-    finish({"run": str(run), "profile": a.profile, "seed": a.seed, "threads": a.threads, "int8": a.int8,
+    finish({"run": str(run), "profile": a.profile, "seed": a.seed, "threads": a.threads, "int8": a.int8, "int8_keep": a.int8_keep,
             "judge": res["judge"], "n_pairs_scored": res["n_pairs_scored"],
             "n_pairs_embedding_only": res["n_pairs_embedding_only"], "speed": res["speed"],
             "prompts": dict(tokens), "n_failed": res["n_failed"],

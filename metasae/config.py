@@ -358,6 +358,10 @@ class AutointerpConfig:
     About 1.5x the bf16 speed of the judge's layers on an AVX-512 CPU at a few percent relative error
     per layer (``benchmarks/judge_int8.py``); the model is named ``<model>+int8`` in records and caches,
     so nothing computed in bf16 is reused."""
+    int8_keep: list[str] = field(default_factory=list)
+    """With ``local_int8``: linear layers left in the profile's dtype, named by the end of their module
+    name (e.g. ``down_proj``: its input holds the model's massive activations, whose outliers per
+    channel a per-token scale rounds away).  The model is then named ``<model>+int8-keep-<layers>``."""
     n_pairs: int = 20
     """Matched pairs scored (a random sample of the alive matched pairs)."""
     n_pairs_embedding: int = 0
@@ -400,6 +404,12 @@ class AutointerpConfig:
         if self.local_int8 and self.backend != "hf-local":
             raise ConfigError(f"{where}.local_int8 applies to the 'hf-local' backend only, not {self.backend!r}: "
                               "a served model's arithmetic is the server's")
+        if self.int8_keep and not self.local_int8:
+            raise ConfigError(f"{where}.int8_keep names layers kept out of int8, and applies only with "
+                              f"{where}.local_int8 = true")
+        if any(not isinstance(k, str) or not k.strip() or "," in k for k in self.int8_keep):
+            raise ConfigError(f"{where}.int8_keep must list module names (e.g. [\"down_proj\"]), "
+                              f"not {self.int8_keep!r}")
         _nonneg_int(self.n_pairs, f"{where}.n_pairs")
         _nonneg_int(self.n_pairs_embedding, f"{where}.n_pairs_embedding")
         _pos_int(self.window, f"{where}.window")

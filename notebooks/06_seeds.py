@@ -28,13 +28,12 @@ out_dir = ""
 figures_dir = ""
 
 # %%
-import json
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from metasae import paths, pipeline
+from metasae import pipeline
 from metasae.aggregate import aggregate_rows, matched_reconstruction, paired_by_seed
 from metasae.report import (format_tokens_axis, plot_autointerp_bars, plot_phi_density, plot_phi_density_diff,
                             save_figure, save_table)
@@ -241,32 +240,6 @@ for ax in axes:
 fig.tight_layout()
 save_figure(fig, "convergence_seeds", ctx.figures,
             caption=f"Convergence curves over seeds {seed_list}: solo and {selected}")
-
-# %% [markdown]
-# ## Autointerp across seeds
-
-# %%
-ai = []
-for s in seed_list:
-    p = paths.seed_dir(ctx.out, s) / "autointerp" / "summary.json"
-    if p.is_file():
-        summ = json.loads(p.read_text())["summary"]
-        for scorer, v in summ.items():
-            ai.append({"seed": s, "scorer": scorer, **{k: v.get(k) for k in
-                       ("mean_joint", "mean_solo", "delta", "n_pairs", "mean_random_joint", "mean_random_solo")}})
-ai = pd.DataFrame(ai)
-if len(ai):
-    ai_rows = []
-    for scorer, gg in ai.groupby("scorer"):
-        d = gg.delta.astype(float)
-        ai_rows.append({"scorer": scorer, "n_seeds": len(gg), "pairs_per_seed": int(gg.n_pairs.mean()),
-                        "mean_joint": gg.mean_joint.astype(float).mean(), "mean_solo": gg.mean_solo.astype(float).mean(),
-                        "delta_mean": d.mean(), "delta_se": d.sem() if len(d) > 1 else float("nan"),
-                        "random_explanation_mean_solo": gg.mean_random_solo.astype(float).mean()})
-    save_table(ai_rows, "autointerp_seeds", ctx.out,
-               caption="Autointerp over seeds: per-seed mean scores on matched pairs, the joint - solo difference "
-                       "(mean ± SE over seeds), and the solo latents' random-explanation mean (chance check)")
-    display(pd.DataFrame(ai_rows))
 
 # %% [markdown]
 # ## Figure 2 over every seed's pairs

@@ -121,6 +121,27 @@ def test_int8_judge_answers_close_to_float_and_is_named_apart():
     assert len(out) == 2 and all(isinstance(c.text, str) for c in out)
 
 
+def test_hf_local_int8_keep_leaves_named_layers_alone():
+    """``int8_keep``: the named layers stay float (their weights untouched), every other linear layer
+    but the output layer is int8, and the model's name says which were kept."""
+    import torch
+
+    from metasae.activations.models import load_model
+    from metasae.autointerp.int8 import Int8Linear
+    from metasae.autointerp.llm import HFLocalClient
+
+    m = load_model("tiny-llama")
+    down = {n: p.detach().clone() for n, p in m.model.named_parameters() if "down_proj" in n}
+    q = HFLocalClient(m.model, m.tokenizer, dtype="float32", model_id="tiny", int8=True, int8_keep=("down_proj",))
+    assert q.model_id == "tiny+int8-keep-down_proj"
+    kinds = {n: type(mod) for n, mod in q.model.named_modules() if isinstance(mod, (torch.nn.Linear, Int8Linear))}
+    assert all(k is torch.nn.Linear for n, k in kinds.items() if n.endswith(("down_proj", "lm_head")))
+    assert all(k is Int8Linear for n, k in kinds.items() if not n.endswith(("down_proj", "lm_head")))
+    assert sum(n.endswith("down_proj") for n in kinds) >= 1 and sum(k is Int8Linear for k in kinds.values()) >= 6
+    after = dict(q.model.named_parameters())
+    assert all(torch.equal(after[n], w) for n, w in down.items())
+
+
 def test_local_int8_config_and_names():
     from metasae.autointerp.llm import model_label
     from metasae.config import AutointerpConfig, ConfigError
@@ -131,3 +152,11 @@ def test_local_int8_config_and_names():
     assert model_label(dataclasses.replace(cfg, local_int8=False)) == "qwen2.5-coder-1.5b"
     with pytest.raises(ConfigError, match="local_int8 applies to the 'hf-local' backend only"):
         AutointerpConfig(backend="openai", base_url="http://127.0.0.1:8000/v1", local_int8=True).validate()
+    kept = dataclasses.replace(cfg, int8_keep=["down_proj"])
+    kept.validate()
+    assert model_label(kept) == model_label(kept, "judge") == "qwen2.5-coder-1.5b+int8-keep-down_proj"
+    with pytest.raises(ConfigError, match="int8_keep names layers kept out of int8, and applies only with"):
+        dataclasses.replace(kept, local_int8=False).validate()
+    for bad in ([""], ["down_proj,up_proj"], [3]):
+        with pytest.raises(ConfigError, match="int8_keep must list module names"):
+            dataclasses.replace(kept, int8_keep=bad).validate()

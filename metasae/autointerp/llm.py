@@ -114,8 +114,8 @@ class HFLocalClient(_BatchByLoop):
     a local folder of safetensors weights, or an already loaded ``nn.Module`` (then
     ``tokenizer`` is required).  Prompts of one batch are left-padded together.  ``int8``
     (``autointerp.local_int8``) replaces the model's linear layers, but its output layer, by
-    :class:`~metasae.autointerp.int8.Int8Linear` in place (a model object passed in included) and
-    names it ``<model_id>+int8``.
+    :class:`~metasae.autointerp.int8.Int8Linear` in place (a model object passed in included), but
+    those whose names end with one of ``int8_keep``, and names it ``<model_id>+int8[-keep-...]``.
     """
 
     backend_id = "hf-local"
@@ -123,7 +123,7 @@ class HFLocalClient(_BatchByLoop):
     def __init__(self, model: Any, tokenizer: Any = None, *, dtype: str = "bfloat16",
                  batch_size: int = 16, model_id: str | None = None, top_logprobs: int = 20,
                  always_logprobs: Sequence[str] = tuple("0123456789"), share_prefix: bool = True,
-                 int8: bool = False):
+                 int8: bool = False, int8_keep: Sequence[str] = ()):
         import torch
 
         from metasae.allocator import keep_freed_memory
@@ -154,8 +154,8 @@ class HFLocalClient(_BatchByLoop):
         if int8:  # another arithmetic, another model: its answers are never mixed with the bf16 ones'
             from metasae.autointerp.int8 import quantize_linears
 
-            quantize_linears(self.model)
-            self.model_id = int8_name(self.model_id)
+            quantize_linears(self.model, skip=("lm_head", *int8_keep))
+            self.model_id = int8_name(self.model_id, tuple(int8_keep))
         self.batch_size = batch_size
         self.share_prefix = share_prefix
         self.last_logits_only = True
@@ -497,15 +497,18 @@ def role_model(cfg: Any, role: str = "explainer") -> str:
     return (getattr(cfg, "judge_model", "") or cfg.model) if role == "judge" else cfg.model
 
 
-def int8_name(model: str) -> str:
-    """The name of ``model`` with its linear layers in int8 (``autointerp.local_int8``)."""
-    return f"{model}+int8"
+def int8_name(model: str, keep: Sequence[str] = ()) -> str:
+    """The name of ``model`` with its linear layers in int8 (``autointerp.local_int8``), but those of
+    ``keep`` (``autointerp.int8_keep``)."""
+    return f"{model}+int8" + (f"-keep-{'-'.join(keep)}" if keep else "")
 
 
 def model_label(cfg: Any, role: str = "explainer") -> str:
     """:func:`role_model` as the records name it: ``+int8`` when ``local_int8`` runs it in int8."""
     model = role_model(cfg, role)
-    return int8_name(model) if getattr(cfg, "local_int8", False) and cfg.backend == "hf-local" else model
+    if getattr(cfg, "local_int8", False) and cfg.backend == "hf-local":
+        return int8_name(model, tuple(getattr(cfg, "int8_keep", ())))
+    return model
 
 
 def make_client(cfg: Any, cache_dir: str | Path | None = None, role: str = "explainer", **kwargs: Any) -> Any:
@@ -516,7 +519,8 @@ def make_client(cfg: Any, cache_dir: str | Path | None = None, role: str = "expl
         inner: Any = OpenAIClient(cfg.base_url, model, api_key_env=cfg.api_key_env,
                                   timeout_s=cfg.timeout_s, max_retries=cfg.max_retries, **kwargs)
     elif cfg.backend == "hf-local":
-        inner = HFLocalClient(model, **{"int8": bool(getattr(cfg, "local_int8", False)), **kwargs})
+        inner = HFLocalClient(model, **{"int8": bool(getattr(cfg, "local_int8", False)),
+                                        "int8_keep": tuple(getattr(cfg, "int8_keep", ())), **kwargs})
     else:
         raise ValueError(f"unknown autointerp backend {cfg.backend!r}")
     return CachedClient(inner, cache_dir) if cache_dir is not None else inner
