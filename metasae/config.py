@@ -360,8 +360,9 @@ class AutointerpConfig:
     so nothing computed in bf16 is reused."""
     int8_keep: list[str] = field(default_factory=list)
     """With ``local_int8``: linear layers left in the profile's dtype, named by the end of their module
-    name (e.g. ``down_proj``: its input holds the model's massive activations, whose outliers per
-    channel a per-token scale rounds away).  The model is then named ``<model>+int8-keep-<layers>``."""
+    name (e.g. ``down_proj``, the layer whose int8 rounding moves the judge's answers most:
+    ``benchmarks/judge_int8_answers.py``).  The model is then named ``<model>+int8-keep-<layers>``; a
+    name that ends no linear layer's stops the client when it loads."""
     n_pairs: int = 20
     """Matched pairs scored (a random sample of the alive matched pairs)."""
     n_pairs_embedding: int = 0

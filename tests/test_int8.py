@@ -140,6 +140,9 @@ def test_hf_local_int8_keep_leaves_named_layers_alone():
     assert sum(n.endswith("down_proj") for n in kinds) >= 1 and sum(k is Int8Linear for k in kinds.values()) >= 6
     after = dict(q.model.named_parameters())
     assert all(torch.equal(after[n], w) for n, w in down.items())
+    other = load_model("tiny-llama")
+    with pytest.raises(ValueError, match="int8_keep: no linear layer of tiny has a name ending in 'downproj'"):
+        HFLocalClient(other.model, other.tokenizer, dtype="float32", model_id="tiny", int8=True, int8_keep=("downproj",))
 
 
 def test_local_int8_config_and_names():

@@ -154,6 +154,12 @@ class HFLocalClient(_BatchByLoop):
         if int8:  # another arithmetic, another model: its answers are never mixed with the bf16 ones'
             from metasae.autointerp.int8 import quantize_linears
 
+            linears = [n for n, m in self.model.named_modules() if isinstance(m, torch.nn.Linear)]
+            missing = [k for k in int8_keep if not any(n.endswith(k) for n in linears)]
+            if missing:
+                raise ValueError(f"autointerp.int8_keep: no linear layer of {self.model_id} has a name ending in "
+                                 f"{', '.join(map(repr, missing))} (its layers end in e.g. "
+                                 f"{', '.join(sorted({n.rpartition('.')[2] for n in linears}))})")
             quantize_linears(self.model, skip=("lm_head", *int8_keep))
             self.model_id = int8_name(self.model_id, tuple(int8_keep))
         self.batch_size = batch_size
