@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import math
 import random
 import sys
 import time
@@ -37,11 +36,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from probe_io import finish  # noqa: E402
 
-SIM_SYSTEM = "You are a precise scientific assistant who predicts"
-
-
 def draw_prompts(cache: Path, n: int, seed: int = 0) -> tuple[list, list]:
     """``n`` simulation and ``n`` fuzz/detection prompts (one-token answers) of a request cache."""
+    from metasae.autointerp.scorers import SIMULATION_EV_SYSTEM
+
     files = sorted(glob.glob(str(cache / "*" / "*")))
     random.Random(seed).shuffle(files)
     sim, binary = [], []
@@ -49,15 +47,10 @@ def draw_prompts(cache: Path, n: int, seed: int = 0) -> tuple[list, list]:
         d = json.loads(Path(f).read_text())
         if d.get("params", {}).get("max_new_tokens") != 1:
             continue
-        (sim if d["messages"][0]["content"].startswith(SIM_SYSTEM) else binary).append(d["messages"])
+        (sim if d["messages"][0]["content"] == SIMULATION_EV_SYSTEM else binary).append(d["messages"])
         if len(sim) >= n and len(binary) >= n:
             break
     return sim[:n], binary[:n]
-
-
-def expected_digit(c) -> float:
-    ps = {d: math.exp(v) for d, v in c.first_token_logprobs.items() if d in "0123456789" and len(d) == 1}
-    return sum(int(d) * p for d, p in ps.items()) / sum(ps.values())
 
 
 def smooth_mlps(model, prompts: list, alpha: float) -> int:
@@ -105,7 +98,7 @@ def main() -> None:
 
     from metasae.autointerp.int8 import quantize_linears
     from metasae.autointerp.llm import HFLocalClient
-    from metasae.autointerp.scorers import binary_log_odds
+    from metasae.autointerp.scorers import binary_log_odds, expected_digit
 
     t0 = time.time()
     torch.set_num_threads(a.threads)
@@ -145,15 +138,13 @@ def main() -> None:
     res["bf16_seconds"] = r_s
     del ref
     for v in _split_variants(a.variants):
-        c = HFLocalClient(a.model)
         kind, _, arg = v.partition(":")
-        if kind == "full":
-            quantize_linears(c.model)
-        elif kind == "keep":
-            quantize_linears(c.model, skip=("lm_head", *arg.split("+")))
-        elif kind == "keep-layers":
-            quantize_linears(c.model, skip=("lm_head", *[f"layers.{i}.mlp.down_proj" for i in arg.split(",")]))
+        if kind in ("full", "keep", "keep-layers"):  # as autointerp.local_int8 / int8_keep run them
+            keep = {"full": [], "keep": arg.split("+"),
+                    "keep-layers": [f"layers.{i}.mlp.down_proj" for i in arg.split(",")]}[kind]
+            c = HFLocalClient(a.model, int8=True, int8_keep=keep)
         elif kind == "smooth":
+            c = HFLocalClient(a.model)
             smooth_mlps(c.model, ids, float(arg))
             quantize_linears(c.model)
         else:

@@ -62,12 +62,7 @@ def main() -> None:
     ctxs = build_validation_contexts(cache.tokens("autointerp").numpy(), cache.mask("autointerp").numpy(), cfg, 0,
                                      tok, n_latents=n_lat)
     keep = tuple(x for x in a.int8_keep.split(",") if x)
-    client = HFLocalClient(model, int8=a.int8 and not keep)
-    if a.int8 and keep:  # int8 but for the named layers (and the output layer, as local_int8)
-        from metasae.autointerp.int8 import quantize_linears
-
-        quantize_linears(client.model, skip=("lm_head", *keep))
-        client.model_id = f"{client.model_id}+int8 ({', '.join(keep)} in bf16)"
+    client = HFLocalClient(model, int8=a.int8, int8_keep=keep if a.int8 else ())
     n_prompts, n_tokens = 0, 0
     inner = client.generate_batch
 

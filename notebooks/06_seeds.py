@@ -28,7 +28,6 @@ out_dir = ""
 figures_dir = ""
 
 # %%
-
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
